@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-from diffusers import ConfigMixin, ModelMixin
 
 from tokenloom.config import SamplingParams
 from tokenloom.generators.condition import Condition
+from tokenloom.modeling import TokenloomModel
 from tokenloom.tokens import Tokens, TokenSpec
 
 
-class TokenGenerator(ModelMixin, ConfigMixin):
+class TokenGenerator(TokenloomModel):
     """Two verbs: ``forward(tokens, cond) -> {"loss": ...}`` and ``generate(cond, params, ...) -> Tokens``.
 
     Subclasses keep their ``TokenSpec`` in the config as a dict (``token_spec``) so that

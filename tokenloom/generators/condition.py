@@ -17,12 +17,16 @@ class Condition:
         features: ``[B, Lc, Cc]`` float per-token text features (from a conditioner).
         mask: ``[B, Lc]`` bool, True where ``features`` holds a real token (optional).
         batch: batch size when unconditional.
+        uncond_features, uncond_mask: features for the unconditional branch of classifier-free guidance
+            (negative prompts); None means the generator's learned null condition.
     """
 
     labels: Tensor | None = None
     features: Tensor | None = None
     mask: Tensor | None = None
     batch: int | None = None
+    uncond_features: Tensor | None = None
+    uncond_mask: Tensor | None = None
 
     def __post_init__(self):
         if self.labels is not None and self.features is not None:
@@ -35,6 +39,10 @@ class Condition:
             if not isinstance(self.features, Tensor) or self.features.dim() != 3:
                 raise TypeError("Condition.features must be a float tensor [B, Lc, Cc], got "
                                 f"{getattr(self.features, 'shape', type(self.features))}")
+        if self.uncond_features is not None and (self.features is None
+                                                 or self.uncond_features.shape != self.features.shape):
+            raise ValueError("Condition.uncond_features must have the shape of features, got "
+                             f"{tuple(self.uncond_features.shape)}")
         if self.labels is None and self.features is None and (self.batch is None or self.batch < 1):
             raise ValueError(f"an unconditional Condition needs batch >= 1, got {self.batch!r}")
 
@@ -57,13 +65,15 @@ class Condition:
 
     def to(self, device) -> Condition:
         move = lambda t: None if t is None else t.to(device)
-        return Condition(move(self.labels), move(self.features), move(self.mask), self.batch)
+        return Condition(move(self.labels), move(self.features), move(self.mask), self.batch,
+                         move(self.uncond_features), move(self.uncond_mask))
 
     def select(self, index: Tensor) -> Condition:
         """Rows ``index`` of the batch (also used to repeat: ``index = arange(B).repeat_interleave(n)``)."""
         pick = lambda t: None if t is None else t[index]
         return Condition(pick(self.labels), pick(self.features), pick(self.mask),
-                         None if self.batch is None else len(index))
+                         None if self.batch is None else len(index), pick(self.uncond_features),
+                         pick(self.uncond_mask))
 
 
 def as_condition(cond, batch_size: int | None = None) -> Condition:

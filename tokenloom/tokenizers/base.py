@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
-from diffusers import ConfigMixin, ModelMixin
 from torch import Tensor
 
+from tokenloom.modeling import TokenloomModel
 from tokenloom.tokens import Tokens, TokenSpec
 
 RANGE_TOLERANCE = 1e-3
 
 
-class ImageTokenizer(ModelMixin, ConfigMixin):
+class ImageTokenizer(TokenloomModel):
     """Subclasses set ``downsample_factor`` and implement ``spec``, ``encode``, ``decode`` and ``embed``.
 
     ``spec`` describes the tokens of an image of the configured ``image_size``.

@@ -1,0 +1,16 @@
+"""Test-wide settings: offline hub, Triton's CPU interpreter, deterministic threads.
+
+TRITON_INTERPRET must be set before any module that defines Triton kernels is imported.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(1)

@@ -1,0 +1,115 @@
+"""A text conditioner built from open_clip's text tower, trainable from scratch.
+
+open_clip gives the BPE tokenizer (its vocabulary ships inside the package: no download) and
+the ``TextTransformer`` architecture. We add one thing open_clip lacks: an optional *compact
+vocabulary*. A from-scratch model for a small caption set needs only the BPE ids its captions use;
+keeping the full 49,408-row embedding table would make a tiny model mostly embedding. With
+``token_ids`` set, BPE ids are remapped to rows of a small table (unknown ids share one row) and the
+end-of-text id keeps the largest index, so open_clip's argmax pooling still finds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import open_clip
+import torch
+from diffusers.configuration_utils import register_to_config
+from open_clip.transformer import TextTransformer
+from torch import Tensor
+
+from tokenloom.generators.condition import Condition
+from tokenloom.modeling import TokenloomModel
+
+
+def check_prompts(prompt, name: str = "prompt") -> list[str]:
+    """A string or a non-empty list of strings → list of strings; anything else is a TypeError/ValueError."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError(f"{name} must be a string or a non-empty list of strings, got an empty list")
+        bad = [p for p in prompt if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"{name} must be a string or a list of strings, got an element {bad[0]!r}")
+        return list(prompt)
+    raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+class OpenCLIPTextConditioner(TokenloomModel):
+    """Prompts → per-token features ``[B, Lc, C]``, a mask ``[B, Lc]`` and pooled features ``[B, C]``.
+
+    Args:
+        tokenizer_name: open_clip model name whose tokenizer to use (all share the CLIP BPE).
+        context_length: tokens per prompt (padded/truncated), ``Lc``.
+        width, heads, layers, mlp_ratio: text transformer size.
+        token_ids: optional compact vocabulary (sorted BPE ids to keep); see the module docstring.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        tokenizer_name: str = "ViT-B-32",
+        context_length: int = 16,
+        width: int = 128,
+        heads: int = 4,
+        layers: int = 2,
+        mlp_ratio: float = 4.0,
+        token_ids: list[int] | None = None,
+    ):
+        super().__init__()
+        self.tokenizer = open_clip.get_tokenizer(tokenizer_name, context_length=context_length)
+        sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        if token_ids is not None:
+            keep = sorted(set(int(t) for t in token_ids) - {0, sot, eot})
+            # row 0 = padding, then the kept ids, then <unk>, <sot>, and <eot> last (argmax pooling).
+            table = torch.full((eot + 1,), len(keep) + 1, dtype=torch.long)
+            table[0] = 0
+            table[torch.tensor(keep, dtype=torch.long)] = torch.arange(1, len(keep) + 1)
+            table[sot] = len(keep) + 2
+            table[eot] = len(keep) + 3
+            vocab_size = len(keep) + 4
+        else:
+            table = torch.arange(eot + 1)
+            vocab_size = eot + 1
+        self.register_buffer("id_table", table, persistent=False)
+        self.text = TextTransformer(
+            context_length=context_length,
+            vocab_size=vocab_size,
+            width=width,
+            heads=heads,
+            layers=layers,
+            mlp_ratio=mlp_ratio,
+            output_dim=width,
+            output_tokens=True,
+            eos_id=int(table[eot]),
+        )
+
+    @classmethod
+    def for_captions(cls, captions: Iterable[str], **config) -> OpenCLIPTextConditioner:
+        """A conditioner whose compact vocabulary covers the BPE ids of ``captions``."""
+        tok = open_clip.get_tokenizer(config.get("tokenizer_name", "ViT-B-32"),
+                                      context_length=config.get("context_length", 16))
+        ids = torch.unique(tok(list(captions))).tolist()
+        return cls(token_ids=ids, **config)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.width
+
+    def tokenize(self, prompts) -> Tensor:
+        """Prompts → ``[B, Lc]`` long ids (remapped to this model's vocabulary)."""
+        ids = self.tokenizer(check_prompts(prompts))
+        return self.id_table[ids.to(self.id_table.device)]
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``ids: [B, Lc]`` → (features ``[B, Lc, C]``, mask ``[B, Lc]`` bool, pooled ``[B, C]``)."""
+        pooled, tokens = self.text(ids)
+        mask = ids != 0
+        # open_clip's output_tokens omits nothing here (no cls token): tokens is [B, Lc, width].
+        return tokens, mask, pooled
+
+    def encode(self, prompts) -> Condition:
+        """Prompts → a :class:`Condition` with per-token features and mask."""
+        features, mask, _ = self(self.tokenize(prompts).to(self.device))
+        return Condition(features=features, mask=mask)

@@ -1,0 +1,131 @@
+"""What every tokenloom pipeline shares: components, sampling settings, seeding and output formats.
+
+A pipeline folder is a normal diffusers folder: ``model_index.json`` plus one subfolder per
+component (``image_tokenizer``, ``token_generator``, optional ``conditioner``), safetensors weights.
+Default sampling settings are stored in ``model_index.json`` (``sampling_defaults``) so a converted
+checkpoint samples with its reference settings unless the caller overrides them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
+from torch import Tensor
+
+from tokenloom.config import GuidanceSchedule, SamplingParams
+from tokenloom.tokens import Tokens
+
+OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
+_SCALAR_FIELDS = ("temperature", "top_k", "top_p", "min_p", "guidance_scale", "num_steps")
+
+
+@dataclass
+class TokenPipelineOutput(BaseOutput):
+    """``images``: list of PIL images, ``[B, H, W, 3]`` numpy or ``[B, 3, H, W]`` tensor in [0, 1], or None
+    for ``output_type="tokens"``; ``tokens``: the generated :class:`Tokens`."""
+
+    images: list | np.ndarray | Tensor | None
+    tokens: Tokens | None = None
+
+
+def params_to_dict(params: SamplingParams) -> dict:
+    """JSON form of scalar SamplingParams (for ``model_index.json``)."""
+    d = {name: getattr(params, name) for name in _SCALAR_FIELDS}
+    d["guidance_schedule"] = {f.name: getattr(params.guidance_schedule, f.name)
+                              for f in fields(GuidanceSchedule)}
+    d["guidance_schedule"]["values"] = list(d["guidance_schedule"]["values"])
+    return d
+
+
+def params_from_dict(d: dict | None) -> SamplingParams:
+    if not d:
+        return SamplingParams()
+    d = dict(d)
+    schedule = d.pop("guidance_schedule", None)
+    if schedule is not None:
+        d["guidance_schedule"] = GuidanceSchedule(**schedule)
+    return SamplingParams(**d)
+
+
+def row_generators(generator, rows: int, device) -> list[torch.Generator]:
+    """One ``torch.Generator`` per output row, so a row's image depends only on its own seed.
+
+    Row ``i``'s generator is seeded with a 63-bit draw: from ``generator[i]`` when a list is given, or the
+    ``i``-th draw of a single generator. So ``generator=g`` alone, ``generator=[g, ...]`` in a batch and
+    ``generator=g`` for a batch all give the same first image for equally seeded ``g``.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != rows:
+            raise ValueError(f"generator must be one torch.Generator or a list of {rows} (one per image), "
+                             f"got a list of {len(generator)}")
+        seeds = [int(torch.randint(0, 2**63 - 1, (1,), generator=g)) for g in generator]
+    else:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, a list of them or None, "
+                            f"got {type(generator).__name__}")
+        seeds = torch.randint(0, 2**63 - 1, (rows,), generator=generator).tolist()
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+class TokenPipeline(DiffusionPipeline):
+    """Base of tokenloom pipelines; subclasses define ``__call__`` for their task."""
+
+    task: str = ""
+    model_cpu_offload_seq = "conditioner->token_generator->image_tokenizer"
+    _optional_components = ["conditioner"]
+
+    def _register(self, image_tokenizer, token_generator, conditioner=None, sampling_defaults=None):
+        if image_tokenizer is not None and token_generator is not None:
+            if image_tokenizer.spec != token_generator.spec:
+                raise ValueError(f"image_tokenizer.spec {image_tokenizer.spec} does not match "
+                                 f"token_generator.spec {token_generator.spec}")
+        self.register_modules(image_tokenizer=image_tokenizer, token_generator=token_generator,
+                              conditioner=conditioner)
+        defaults = params_to_dict(params_from_dict(sampling_defaults))  # validates
+        self.register_to_config(sampling_defaults=defaults)
+
+    def sampling_params(self, sampling_params: SamplingParams | None = None, **overrides) -> SamplingParams:
+        """The folder's default settings, replaced by ``sampling_params`` and then by non-None overrides."""
+        if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        params = sampling_params or params_from_dict(self.config.sampling_defaults)
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return params.replace(**changes) if changes else params
+
+    @staticmethod
+    def check_count(num_images_per_prompt) -> int:
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        return num_images_per_prompt
+
+    @staticmethod
+    def check_output_type(output_type) -> str:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        return output_type
+
+    @property
+    def show_progress(self) -> bool:
+        return not getattr(self, "_progress_bar_config", {}).get("disable", False)
+
+    def tokens_to_output(self, tokens: Tokens, output_type: str, return_dict: bool):
+        """Decode ``tokens`` and format them as ``output_type``."""
+        if output_type == "tokens":
+            out = TokenPipelineOutput(images=None, tokens=tokens)
+            return out if return_dict else (None, tokens)
+        with torch.no_grad():
+            images = self.image_tokenizer.decode(tokens)
+        images = ((images.float() + 1) / 2).clamp(0, 1).cpu()
+        if output_type == "np":
+            images = images.permute(0, 2, 3, 1).numpy()
+        elif output_type == "pil":
+            arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            images = [Image.fromarray(a) for a in arr]
+        out = TokenPipelineOutput(images=images, tokens=tokens)
+        return out if return_dict else (images, tokens)
