@@ -259,7 +259,14 @@ def test_block_is_prenorm_llama():
     x, rope, mask = torch.randn(2, 3, 16), rope_table_1d(3, 8), causal_mask(3)
     h = x + block.attention(block.attention_norm(x), rope, mask)
     torch.testing.assert_close(block(x, rope, mask), h + block.feed_forward(block.ffn_norm(h)))
-    assert {n for n, _ in block.named_children()} == {"attention_norm", "attention", "ffn_norm", "feed_forward"}
+    assert {n for n, _ in block.named_parameters()} >= {"attention_norm.weight", "attention.wqkv.weight",
+                                                         "attention.wo.weight", "ffn_norm.weight",
+                                                         "feed_forward.w1.weight"}  # LlamaGen's key names
+    # residual dropout acts in training mode only
+    drop = TransformerBlock(16, 2, multiple_of=8, dropout=0.5)
+    drop.load_state_dict(block.state_dict())
+    torch.testing.assert_close(drop.eval()(x, rope, mask), block(x, rope, mask))
+    assert not torch.allclose(drop.train()(x, rope, mask), block(x, rope, mask))
 
 
 # ------------------------------------------------------------------ prefixes

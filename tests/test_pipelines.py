@@ -85,7 +85,7 @@ def test_same_seed_same_image_and_different_seed_differs(t2i):
 
 def test_image_does_not_depend_on_batch_mates(t2i):
     alone = t2i("a red circle", generator=seeded(7), output_type="tokens").tokens.data
-    gens = [seeded(7), seeded(8), seeded(9), seeded(10)]
+    gens = [seeded(7), seeded(8), seeded(9), seeded(7)]
     batch = t2i(["a red circle", "two blue squares", "a green triangle", "a red circle"], generator=gens,
                 output_type="tokens").tokens.data
     assert torch.equal(batch[0], alone[0]) and torch.equal(batch[3], alone[0])
@@ -211,5 +211,7 @@ def test_mismatched_components_fail_at_construction(t2i):
 
 
 def test_diffusers_generic_loader_reads_the_folder(t2i, t2i_dir):
-    pipe = DiffusionPipeline.from_pretrained(str(t2i_dir))
+    import tokenloom.components  # noqa: F401  (diffusers loads only imported component libraries)
+
+    pipe = DiffusionPipeline.from_pretrained(str(t2i_dir), trust_remote_code=True)
     assert isinstance(pipe, TextToImagePipeline)

@@ -18,6 +18,7 @@ from diffusers.configuration_utils import register_to_config
 from open_clip.transformer import TextTransformer
 from torch import Tensor
 
+from tokenloom.conditioning import register
 from tokenloom.generators.condition import Condition
 from tokenloom.modeling import TokenloomModel
 
@@ -36,6 +37,7 @@ def check_prompts(prompt, name: str = "prompt") -> list[str]:
     raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
 
 
+@register("openclip_text")
 class OpenCLIPTextConditioner(TokenloomModel):
     """Prompts → per-token features ``[B, Lc, C]``, a mask ``[B, Lc]`` and pooled features ``[B, C]``.
 

@@ -45,14 +45,18 @@ def _check_int(name: str, value, low: int) -> None:
 
 def image_seed(base_seed: int, index: int) -> int:
     """The 63-bit seed of image ``index`` (depends on nothing else)."""
-    return int(np.random.SeedSequence([int(base_seed), int(index)]).generate_state(2, dtype=np.uint32)
-               .astype(np.uint64).dot(np.array([1 << 31, 1], dtype=np.uint64)))
+    return int(
+        np.random.SeedSequence([int(base_seed), int(index)])
+        .generate_state(2, dtype=np.uint32)
+        .astype(np.uint64)
+        .dot(np.array([1 << 31, 1], dtype=np.uint64))
+    )
 
 
 def class_balanced_plan(
     num_classes: int, n_per_class: int, *, world_size: int = 1, rank: int = 0, base_seed: int = 0
 ) -> list[PlannedImage]:
-    """This rank's share of ``num_classes × n_per_class`` images, as ``(label, seed, index)`` in index order."""
+    """This rank's share of ``num_classes × n_per_class`` images: ``(label, seed, index)`` by index."""
     _check_int("num_classes", num_classes, 1)
     _check_int("n_per_class", n_per_class, 1)
     _check_int("world_size", world_size, 1)
@@ -60,23 +64,34 @@ def class_balanced_plan(
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank!r} must be an int in [0, world_size) = [0, {world_size})")
     total = num_classes * n_per_class
-    return [PlannedImage(label=i % num_classes, seed=image_seed(base_seed, i), index=i)
-            for i in range(rank, total, world_size)]
+    return [
+        PlannedImage(label=i % num_classes, seed=image_seed(base_seed, i), index=i)
+        for i in range(rank, total, world_size)
+    ]
 
 
-def plan_for_accelerator(accelerator, num_classes: int, n_per_class: int, *, base_seed: int = 0) -> list[PlannedImage]:
+def plan_for_accelerator(
+    accelerator, num_classes: int, n_per_class: int, *, base_seed: int = 0
+) -> list[PlannedImage]:
     """:func:`class_balanced_plan` for this process of an ``accelerate.Accelerator``."""
-    return class_balanced_plan(num_classes, n_per_class, world_size=accelerator.num_processes,
-                               rank=accelerator.process_index, base_seed=base_seed)
+    return class_balanced_plan(
+        num_classes,
+        n_per_class,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        base_seed=base_seed,
+    )
 
 
-def torch_generators(items: Sequence[PlannedImage], device: torch.device | str = "cpu") -> list[torch.Generator]:
+def torch_generators(
+    items: Sequence[PlannedImage], device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
     """One seeded ``torch.Generator`` per planned image (pass the list as a pipeline's ``generator``)."""
     return [torch.Generator(device=device).manual_seed(item.seed) for item in items]
 
 
 def save_images(images_B3HW: torch.Tensor, folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
-    """Write images in [-1, 1] as 8-bit PNGs ``folder/name`` (e.g. ``PlannedImage.filename``); returns the paths."""
+    """Write images in [-1, 1] as 8-bit PNGs ``folder/name`` (e.g. ``PlannedImage.filename``)."""
     from PIL import Image
 
     if images_B3HW.ndim != 4 or images_B3HW.shape[1] != 3:

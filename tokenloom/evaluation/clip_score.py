@@ -46,7 +46,9 @@ def _to_pil(images) -> list[Image.Image]:
         return [Image.fromarray(a) for a in arrays.permute(0, 2, 3, 1).numpy()]
     if isinstance(images, (list, tuple)) and all(isinstance(im, Image.Image) for im in images):
         return [im.convert("RGB") for im in images]
-    raise TypeError(f"images must be a [B, 3, H, W] tensor in [-1, 1] or a list of PIL images, got {type(images)}")
+    raise TypeError(
+        f"images must be a [B, 3, H, W] tensor in [-1, 1] or a list of PIL images, got {type(images)}"
+    )
 
 
 class CLIPScorer:
@@ -65,9 +67,13 @@ class CLIPScorer:
             raise ValueError("pretrained=None: CLIP score needs a local weights file (nothing is downloaded)")
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"open_clip weights for {model_name!r} not found at {str(path)!r}; pass a "
-                                    "local file (nothing is downloaded)")
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(path), device=device)
+            raise FileNotFoundError(
+                f"open_clip weights for {model_name!r} not found at {str(path)!r}; pass a "
+                "local file (nothing is downloaded)"
+            )
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=str(path), device=device
+        )
         self._init(model, preprocess, open_clip.get_tokenizer(model_name), f"{model_name}:{path.name}")
 
     @classmethod
@@ -83,10 +89,12 @@ class CLIPScorer:
 
     @torch.no_grad()
     def __call__(self, images, captions: Sequence[str]) -> Tensor:
-        """Per-pair scores ``[B]`` in [0, 100] for images (``[B, 3, H, W]`` in [-1, 1] or PIL) and captions."""
+        """Per-pair scores ``[B]`` in [0, 100]: images (``[B, 3, H, W]`` in [-1, 1] or PIL), captions."""
         pil = _to_pil(images)
         if isinstance(captions, str) or len(captions) != len(pil):
-            raise ValueError(f"captions must be a list of {len(pil)} strings (one per image), got {captions!r}")
+            raise ValueError(
+                f"captions must be a list of {len(pil)} strings (one per image), got {captions!r}"
+            )
         pixels = torch.stack([self.preprocess(im) for im in pil]).to(self.device)
         img = self.model.encode_image(pixels).float()
         txt = self.model.encode_text(self.tokenizer(list(captions)).to(self.device)).float()
@@ -101,5 +109,7 @@ def clip_score(images, captions: Sequence[str], scorer: CLIPScorer, batch_size: 
     n = len(images)
     if n == 0:
         raise ValueError("images is empty")
-    scores = torch.cat([scorer(images[i:i + batch_size], captions[i:i + batch_size]) for i in range(0, n, batch_size)])
+    scores = torch.cat(
+        [scorer(images[i : i + batch_size], captions[i : i + batch_size]) for i in range(0, n, batch_size)]
+    )
     return CLIPScoreResult(value=float(scores.mean()), model=scorer.name, n=n)

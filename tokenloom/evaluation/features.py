@@ -78,7 +78,9 @@ class FeatureExtractor(nn.Module):
         """``[B, dim + K]``: features then logits, one tensor (what the folder pass hands to clean-fid)."""
         feats, logits = self.features_and_logits(x_B3SS)
         if logits is None:
-            raise ValueError(f"feature extractor {self.name!r} has no class logits (needed for Inception Score)")
+            raise ValueError(
+                f"feature extractor {self.name!r} has no class logits (needed for Inception Score)"
+            )
         return torch.cat([feats, logits], dim=1)
 
     def resize(self, image_HW3: np.ndarray) -> np.ndarray:
@@ -137,7 +139,11 @@ class FeatureCNN(TokenloomModel):
         super().__init__()
         if dataset not in BUILTIN_KINDS:
             raise ValueError(f"dataset={dataset!r} is not one of {BUILTIN_KINDS}")
-        for arg, value in (("num_classes", num_classes), ("image_size", image_size), ("feature_dim", feature_dim)):
+        for arg, value in (
+            ("num_classes", num_classes),
+            ("image_size", image_size),
+            ("feature_dim", feature_dim),
+        ):
             if not isinstance(value, int) or value < 2:
                 raise ValueError(f"{arg}={value!r} must be an int >= 2")
         if not channels or any(not isinstance(c, int) or c < 8 or c % 8 for c in channels):
@@ -153,7 +159,7 @@ class FeatureCNN(TokenloomModel):
 
     @property
     def label(self) -> str:
-        """``tokenloom-<dataset>-cnn-v<version>:<weights fingerprint>``: what an FID made with it is labelled."""
+        """``tokenloom-<dataset>-cnn-v<version>:<weights fingerprint>``: the label of FIDs made with it."""
         return f"tokenloom-{self.config.dataset}-cnn-v{self.config.version}:{_fingerprint(self.state_dict())}"
 
     def features(self, images_B3HW: Tensor) -> Tensor:
@@ -178,8 +184,10 @@ class FeatureCNN(TokenloomModel):
         """A ``save_pretrained`` folder or a ``.safetensors`` file from :meth:`save_safetensors`."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"feature-extractor weights not found: {str(path)!r} (train them with "
-                                    "`python scripts/train_feature_extractor.py --dataset shapes --out DIR`)")
+            raise FileNotFoundError(
+                f"feature-extractor weights not found: {str(path)!r} (train them with "
+                "`python scripts/train_feature_extractor.py --dataset shapes --out DIR`)"
+            )
         if path.is_dir():
             return cls.from_pretrained(str(path)).eval()
         from safetensors import safe_open
@@ -188,14 +196,18 @@ class FeatureCNN(TokenloomModel):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if "tokenloom_config" not in meta:
-            raise ValueError(f"{str(path)!r} has no 'tokenloom_config' metadata: not a FeatureCNN safetensors file "
-                             "(expected a save_pretrained folder or a file written by FeatureCNN.save_safetensors)")
+            raise ValueError(
+                f"{str(path)!r} has no 'tokenloom_config' metadata: not a FeatureCNN safetensors file "
+                "(expected a save_pretrained folder or a file written by FeatureCNN.save_safetensors)"
+            )
         model = cls(**json.loads(meta["tokenloom_config"]))
         state = load_file(str(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{str(path)!r} does not fit FeatureCNN: missing keys {sorted(missing)}, "
-                             f"unexpected keys {sorted(unexpected)}")
+            raise ValueError(
+                f"{str(path)!r} does not fit FeatureCNN: missing keys {sorted(missing)}, "
+                f"unexpected keys {sorted(unexpected)}"
+            )
         return model.eval()
 
 
@@ -250,8 +262,9 @@ def train_feature_cnn(
 ) -> FeatureCNN:
     """Train the built-in extractor for ``kind`` (``"shapes"`` or ``"digits"``) on its training split.
 
-    AdamW with a cosine learning-rate decay, cross-entropy on the class labels; random
-    horizontal flips for shapes (a flipped shape keeps its class). Same seed → same weights.
+    AdamW with a one-cycle schedule (10% warm-up, cosine decay), cross-entropy on the class
+    labels; random horizontal flips for shapes (a flipped shape keeps its class). Same seed and
+    thread count → same weights (the label's fingerprint tells runs apart).
     """
     if kind not in BUILTIN_KINDS:
         raise ValueError(f"kind={kind!r} is not one of {BUILTIN_KINDS}")
@@ -260,8 +273,13 @@ def train_feature_cnn(
     dataset = builtin_dataset(kind, "train", num_samples=num_samples, seed=seed)
     images, labels = stack_dataset(dataset)
     torch.manual_seed(seed)
-    model = FeatureCNN(dataset=kind, num_classes=dataset.num_classes, image_size=images.shape[-1],
-                       feature_dim=feature_dim, channels=list(channels))
+    model = FeatureCNN(
+        dataset=kind,
+        num_classes=dataset.num_classes,
+        image_size=images.shape[-1],
+        feature_dim=feature_dim,
+        channels=list(channels),
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -281,10 +299,14 @@ def train_feature_cnn(
 
 
 @torch.no_grad()
-def classifier_accuracy(model: FeatureCNN, images_N3HW: Tensor, labels_N: Tensor, batch_size: int = 512) -> float:
+def classifier_accuracy(
+    model: FeatureCNN, images_N3HW: Tensor, labels_N: Tensor, batch_size: int = 512
+) -> float:
     """Top-1 accuracy of ``model`` on images in [-1, 1]."""
     model.eval()
-    preds = torch.cat([model(images_N3HW[i:i + batch_size]).argmax(1) for i in range(0, len(images_N3HW), batch_size)])
+    preds = torch.cat(
+        [model(images_N3HW[i : i + batch_size]).argmax(1) for i in range(0, len(images_N3HW), batch_size)]
+    )
     return float((preds == labels_N).float().mean())
 
 
@@ -294,15 +316,18 @@ def _check_weights_path(weights: str | os.PathLike | None, what: str) -> Path:
         raise ValueError(f"weights=None: {what} needs a local weights path (nothing is downloaded)")
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} weights not found at {str(path)!r}; pass a local file "
-                                "(nothing is downloaded)")
+        raise FileNotFoundError(
+            f"{what} weights not found at {str(path)!r}; pass a local file (nothing is downloaded)"
+        )
     return path
 
 
 def _check_batch(x: Tensor, size: int) -> None:
     if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (size, size):
-        raise ValueError(f"images of shape {tuple(x.shape)}: expected [B, 3, {size}, {size}] in 0..255 "
-                         "(resize them with FeatureExtractor.resize)")
+        raise ValueError(
+            f"images of shape {tuple(x.shape)}: expected [B, 3, {size}, {size}] in 0..255 "
+            "(resize them with FeatureExtractor.resize)"
+        )
 
 
 class InceptionTorchScript(FeatureExtractor):
@@ -316,10 +341,14 @@ class InceptionTorchScript(FeatureExtractor):
     def __init__(self, weights: str | os.PathLike):
         super().__init__()
         path = _check_weights_path(weights, "Inception TorchScript")
-        self.base = torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file *is* TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            self.base = torch.jit.load(str(path), map_location="cpu").eval()
         if not hasattr(self.base, "layers"):
-            raise ValueError(f"{str(path)!r} is TorchScript but has no 'layers' submodule: not clean-fid's "
-                             "inception-2015-12-05.pt")
+            raise ValueError(
+                f"{str(path)!r} is TorchScript but has no 'layers' submodule: not clean-fid's "
+                "inception-2015-12-05.pt"
+            )
         self.name, self.dim, self.image_size = "inception-v3-2015-12-05/torchscript", 2048, 299
         self.num_classes = int(self.base.output.weight.shape[0]) if hasattr(self.base, "output") else 0
 
@@ -335,7 +364,10 @@ def _load_state_dict(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ValueError(f"{str(path)!r} is neither TorchScript nor a loadable state dict: {err}") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -361,13 +393,19 @@ class InceptionStateDict(FeatureExtractor):
         def local_weights(url, *args, **kwargs):
             return state
 
-        with mock.patch.object(inception_pytorch, "load_state_dict_from_url", local_weights):
+        with (
+            mock.patch.object(inception_pytorch, "load_state_dict_from_url", local_weights),
+            warnings.catch_warnings(),
+        ):  # torchvision's notices about clean-fid's `pretrained=False`
+            warnings.simplefilter("ignore", UserWarning)
             try:
                 self.net = inception_pytorch.InceptionV3(output_blocks=[3], resize_input=False).eval()
             except RuntimeError as err:
                 raise ValueError(f"{str(path)!r} does not fit the FID Inception-v3: {err}") from err
         fc = state.get("fc.weight")
-        self.register_buffer("fc_weight", fc.float() if fc is not None else torch.empty(0, 2048), persistent=False)
+        self.register_buffer(
+            "fc_weight", fc.float() if fc is not None else torch.empty(0, 2048), persistent=False
+        )
         self.name, self.dim, self.image_size = "inception-v3-2015-12-05/pytorch-port", 2048, 299
         self.num_classes = int(self.fc_weight.shape[0])
 
@@ -389,14 +427,16 @@ def load_inception(weights: str | os.PathLike) -> FeatureExtractor:
 
 
 def load_feature_extractor(kind: str, weights: str | os.PathLike) -> FeatureExtractor:
-    """``kind``: ``"shapes"``/``"digits"`` (a :class:`FeatureCNN` folder or safetensors) or ``"inception"``."""
+    """``kind``: ``"shapes"``/``"digits"`` (a :class:`FeatureCNN` folder/safetensors) or ``"inception"``."""
     if kind not in FEATURE_KINDS:
         raise ValueError(f"kind={kind!r} is not one of {FEATURE_KINDS}")
     if kind == "inception":
         return load_inception(weights)
     if weights is None:
-        raise ValueError(f"weights=None: the {kind} extractor needs a trained FeatureCNN (train one with "
-                         f"`python scripts/train_feature_extractor.py --dataset {kind} --out DIR`)")
+        raise ValueError(
+            f"weights=None: the {kind} extractor needs a trained FeatureCNN (train one with "
+            f"`python scripts/train_feature_extractor.py --dataset {kind} --out DIR`)"
+        )
     model = FeatureCNN.load(weights)
     if model.config.dataset != kind:
         raise ValueError(f"weights {str(weights)!r} are a {model.config.dataset!r} extractor, not {kind!r}")
@@ -404,13 +444,13 @@ def load_feature_extractor(kind: str, weights: str | os.PathLike) -> FeatureExtr
 
 
 # ============================================================================ folder pass
-def _check_folder(folder: str | os.PathLike) -> list[str]:
+def _check_folder(folder: str | os.PathLike) -> list[Path]:
     from cleanfid.utils import EXTENSIONS
 
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"image folder not found: {str(path)!r}")
-    files = [p for p in path.rglob("*") if p.is_file() and p.suffix[1:] in EXTENSIONS]
+    files = [Path(d) / f for d, _, names in os.walk(path) for f in names if Path(f).suffix[1:] in EXTENSIONS]
     if not files:
         raise ValueError(f"image folder {str(path)!r} has no images (extensions: {sorted(EXTENSIONS)})")
     return files
@@ -432,7 +472,9 @@ def _readable(files: list[Path]) -> list[Path]:
         except Exception:  # any decoding failure means "unreadable"
             bad.append(f)
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(files)}, e.g. {str(bad[0])!r}", stacklevel=3)
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image(s) of {len(files)}, e.g. {str(bad[0])!r}", stacklevel=3
+        )
     if not good:
         raise ValueError(f"none of the {len(files)} image files could be read, e.g. {str(bad[0])!r}")
     return good
@@ -449,7 +491,7 @@ def extract_folder(
     device: torch.device | str = CPU,
     verbose: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Every image under ``folder`` (recursively, sorted) → (features ``[N, dim]``, logits ``[N, K]`` or None).
+    """Every image under ``folder`` (recursively, sorted) → (features ``[N, dim]``, logits ``[N, K]``/None).
 
     Decoding and resizing are clean-fid's (``cleanfid.fid.get_files_features`` with
     :meth:`FeatureExtractor.resize`), so these are exactly the features clean-fid's
@@ -462,12 +504,20 @@ def extract_folder(
     device = torch.device(device)
     extractor = extractor.to(device).eval()
     model: Callable[[Tensor], Tensor] = extractor.features_with_logits if with_logits else extractor
-    out = cfid.get_files_features([str(f) for f in files], model, num_workers=num_workers, batch_size=batch_size,
-                                  device=device, mode="clean", custom_fn_resize=extractor.resize,
-                                  description=f"features {Path(folder).name}", verbose=verbose)
+    out = cfid.get_files_features(
+        [str(f) for f in files],
+        model,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        device=device,
+        mode="clean",
+        custom_fn_resize=extractor.resize,
+        description=f"features {Path(folder).name}",
+        verbose=verbose,
+    )
     out = out.astype(np.float64)
     if not np.isfinite(out).all():
         raise ValueError(f"feature extractor {extractor.name!r} gave non-finite outputs on {str(folder)!r}")
     if with_logits:
-        return out[:, :extractor.dim], out[:, extractor.dim:]
+        return out[:, : extractor.dim], out[:, extractor.dim :]
     return out, None

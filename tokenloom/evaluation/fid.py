@@ -56,7 +56,9 @@ class FeatureStats:
     def __post_init__(self):
         mu, sigma = np.asarray(self.mu, dtype=np.float64), np.asarray(self.sigma, dtype=np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"mu of shape {mu.shape} and sigma of shape {sigma.shape}: expected [D] and [D, D]")
+            raise ValueError(
+                f"mu of shape {mu.shape} and sigma of shape {sigma.shape}: expected [D] and [D, D]"
+            )
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise ValueError("mu/sigma contain non-finite values")
         object.__setattr__(self, "mu", mu)
@@ -74,9 +76,11 @@ class FeatureStats:
             raise ValueError(f"features of shape {feats.shape}: expected [N, D]")
         n, d = feats.shape
         if n <= d:
-            raise ValueError(f"{n} images for {d}-dim features ({features or 'unlabelled'}): the covariance "
-                             f"would be singular; FID needs more than {d} images (use more images or an "
-                             "extractor with fewer feature dimensions)")
+            raise ValueError(
+                f"{n} images for {d}-dim features ({features or 'unlabelled'}): the covariance "
+                f"would be singular; FID needs more than {d} images (use more images or an "
+                "extractor with fewer feature dimensions)"
+            )
         return cls(mu=feats.mean(axis=0), sigma=np.cov(feats, rowvar=False), n=n, features=features)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -92,8 +96,10 @@ class FeatureStats:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("mu", "sigma") if k not in data.files]
             if missing:
-                raise ValueError(f"{str(path)!r} has no {missing} arrays (has {data.files}); expected an ADM-style "
-                                 "npz with 'mu' and 'sigma'")
+                raise ValueError(
+                    f"{str(path)!r} has no {missing} arrays (has {data.files}); expected an ADM-style "
+                    "npz with 'mu' and 'sigma'"
+                )
             features = str(data["features"]) if "features" in data.files else ""
             n = int(data["n"]) if "n" in data.files else 0
             return cls(mu=data["mu"], sigma=data["sigma"], n=n, features=features)
@@ -115,15 +121,19 @@ class FIDResult:
 
     def __str__(self) -> str:
         n_ref = self.n_ref if self.n_ref else "?"
-        return (f"FID {self.value:.4f} ({self.implementation}, features {self.features}, "
-                f"{self.n_gen} generated vs {n_ref} reference images)")
+        return (
+            f"FID {self.value:.4f} ({self.implementation}, features {self.features}, "
+            f"{self.n_gen} generated vs {n_ref} reference images)"
+        )
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """clean-fid's Fréchet distance between two Gaussians; refuses statistics of different extractors."""
     if a.dim != b.dim:
-        raise ValueError(f"statistics of different feature dimensions: {a.dim} ({a.features or 'unlabelled'}) "
-                         f"vs {b.dim} ({b.features or 'unlabelled'})")
+        raise ValueError(
+            f"statistics of different feature dimensions: {a.dim} ({a.features or 'unlabelled'}) "
+            f"vs {b.dim} ({b.features or 'unlabelled'})"
+        )
     if a.features and b.features and a.features != b.features:
         raise ValueError(f"statistics from different feature extractors: {a.features!r} vs {b.features!r}")
     from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
@@ -141,20 +151,28 @@ def folder_stats(
     verbose: bool = True,
 ) -> FeatureStats:
     """Statistics of every image under ``folder`` (write them with ``.save(path)`` for later comparisons)."""
-    feats, _ = extract_folder(folder, extractor, batch_size=batch_size, num_workers=num_workers,
-                              device=device, verbose=verbose)
+    feats, _ = extract_folder(
+        folder, extractor, batch_size=batch_size, num_workers=num_workers, device=device, verbose=verbose
+    )
     return FeatureStats.from_features(feats, extractor.name)
 
 
-def _reference_stats(reference, extractor, **kw) -> tuple[FeatureStats, str]:
-    if isinstance(reference, FeatureStats):
-        return reference, "statistics"
-    if isinstance(reference, (str, os.PathLike)):
-        path = Path(reference)
-        if path.suffix == ".npz":
-            return FeatureStats.load(path), str(path)
-        return folder_stats(path, extractor, **kw), str(path)
-    raise TypeError(f"reference={reference!r} must be a folder, an .npz path or FeatureStats")
+def _stats(side: str, value, extractor: FeatureExtractor, **kw) -> tuple[FeatureStats, str]:
+    """A folder, an ``.npz`` path or FeatureStats → (statistics, what they came from); labels checked."""
+    if isinstance(value, FeatureStats):
+        stats, name = value, "statistics"
+    elif isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        stats = FeatureStats.load(path) if path.suffix == ".npz" else folder_stats(path, extractor, **kw)
+        name = str(path)
+    else:
+        raise TypeError(f"{side}={value!r} must be an image folder, an .npz path or FeatureStats")
+    if stats.features and stats.features != extractor.name:
+        raise ValueError(
+            f"{side} statistics {name!r} were made with {stats.features!r}, not with this "
+            f"extractor {extractor.name!r}"
+        )
+    return stats, name
 
 
 def compute_fid(
@@ -167,18 +185,26 @@ def compute_fid(
     device: torch.device | str = CPU,
     verbose: bool = True,
 ) -> FIDResult:
-    """FID of a generated image folder against a reference folder, ``.npz`` statistics or :class:`FeatureStats`.
+    """FID of generated against reference images, each an image folder, ``.npz`` or :class:`FeatureStats`.
 
-    Both sides go through ``extractor`` (labelled statistics from another extractor are refused).
+    Folders go through ``extractor``; statistics labelled with another extractor are refused
+    (ADM's unlabelled files are accepted when their dimension fits).
     """
     if not isinstance(extractor, FeatureExtractor):
         raise TypeError(f"extractor must be a FeatureExtractor, got {type(extractor).__name__}")
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, verbose=verbose)
-    ref, ref_name = _reference_stats(reference, extractor, **kw)
-    if ref.features and ref.features != extractor.name:
-        raise ValueError(f"reference statistics {ref_name!r} were made with {ref.features!r}, "
-                         f"not with this extractor {extractor.name!r}")
-    gen, _ = _reference_stats(generated, extractor, **kw)
-    value = frechet_distance(gen, ref)
-    return FIDResult(value=value, implementation=implementation(), features=extractor.name,
-                     n_gen=gen.n, n_ref=ref.n, reference=ref_name)
+    ref, ref_name = _stats("reference", reference, extractor, **kw)
+    gen, _ = _stats("generated", generated, extractor, **kw)
+    if ref.dim != extractor.dim:
+        raise ValueError(
+            f"reference statistics {ref_name!r} have {ref.dim}-dim features; extractor "
+            f"{extractor.name!r} gives {extractor.dim}"
+        )
+    return FIDResult(
+        value=frechet_distance(gen, ref),
+        implementation=implementation(),
+        features=extractor.name,
+        n_gen=gen.n,
+        n_ref=ref.n,
+        reference=ref_name,
+    )

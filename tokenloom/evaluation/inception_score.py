@@ -32,7 +32,10 @@ class ISResult:
         return asdict(self)
 
     def __str__(self) -> str:
-        return f"IS {self.mean:.4f} ± {self.std:.4f} (classifier {self.classifier}, {self.n} images, {self.splits} splits)"
+        return (
+            f"IS {self.mean:.4f} ± {self.std:.4f} (classifier {self.classifier}, {self.n} images, "
+            f"{self.splits} splits)"
+        )
 
 
 def inception_score(logits_NK, splits: int = 10, classifier: str = "") -> ISResult:
@@ -41,8 +44,9 @@ def inception_score(logits_NK, splits: int = 10, classifier: str = "") -> ISResu
     The ``N`` images are cut into ``splits`` consecutive, nearly equal parts; the score of each
     part uses that part's marginal ``p(y)``; the result is their mean and (population) std.
     """
-    logits = torch.as_tensor(np.asarray(logits_NK) if not isinstance(logits_NK, torch.Tensor) else logits_NK,
-                             dtype=torch.float64)
+    logits = torch.as_tensor(
+        np.asarray(logits_NK) if not isinstance(logits_NK, torch.Tensor) else logits_NK, dtype=torch.float64
+    )
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits of shape {tuple(logits.shape)}: expected [N, K] with K >= 2 classes")
     if not torch.isfinite(logits).all():
@@ -55,5 +59,10 @@ def inception_score(logits_NK, splits: int = 10, classifier: str = "") -> ISResu
         log_marginal = torch.logsumexp(log_p, dim=0) - np.log(part.shape[0])  # [K]
         kl = (log_p.exp() * (log_p - log_marginal)).sum(dim=1)  # [n]
         scores.append(kl.mean().exp().item())
-    return ISResult(mean=float(np.mean(scores)), std=float(np.std(scores)), classifier=classifier,
-                    n=int(logits.shape[0]), splits=splits)
+    return ISResult(
+        mean=float(np.mean(scores)),
+        std=float(np.std(scores)),
+        classifier=classifier,
+        n=int(logits.shape[0]),
+        splits=splits,
+    )

@@ -35,8 +35,11 @@ class PRResult:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"precision {self.precision:.4f}, recall {self.recall:.4f} (k={self.k}, features {self.features}, "
-                f"{self.n_gen} generated vs {self.n_ref} reference)")
+        return (
+            f"precision {self.precision:.4f}, recall {self.recall:.4f} (k={self.k}, "
+            f"features {self.features}, "
+            f"{self.n_gen} generated vs {self.n_ref} reference)"
+        )
 
 
 def _as_tensor(x, name: str) -> Tensor:
@@ -59,8 +62,9 @@ def knn_radii(feats_ND, k: int = 3, block: int = 1024) -> Tensor:
     if not isinstance(k, int) or not 1 <= k < x.shape[0]:
         raise ValueError(f"k={k!r} must be an int in [1, N-1] = [1, {x.shape[0] - 1}]")
     # the (k+1)-th smallest distance in the row: the point itself (distance 0) comes first
-    return torch.cat([_distances(x[i:i + block], x).kthvalue(k + 1, dim=1).values
-                      for i in range(0, x.shape[0], block)])
+    return torch.cat(
+        [_distances(x[i : i + block], x).kthvalue(k + 1, dim=1).values for i in range(0, x.shape[0], block)]
+    )
 
 
 def in_manifold(query_MD, support_ND, radii_N, block: int = 1024) -> Tensor:
@@ -68,18 +72,24 @@ def in_manifold(query_MD, support_ND, radii_N, block: int = 1024) -> Tensor:
     q, s = _as_tensor(query_MD, "query"), _as_tensor(support_ND, "support")
     radii = torch.as_tensor(radii_N, dtype=torch.float64)
     if q.shape[1] != s.shape[1] or radii.shape != (s.shape[0],):
-        raise ValueError(f"query {tuple(q.shape)}, support {tuple(s.shape)} and radii {tuple(radii.shape)} "
-                         "do not fit: expected [M, D], [N, D], [N]")
-    return torch.cat([(_distances(q[i:i + block], s) <= radii[None]).any(dim=1)
-                      for i in range(0, q.shape[0], block)])
+        raise ValueError(
+            f"query {tuple(q.shape)}, support {tuple(s.shape)} and radii {tuple(radii.shape)} "
+            "do not fit: expected [M, D], [N, D], [N]"
+        )
+    return torch.cat(
+        [(_distances(q[i : i + block], s) <= radii[None]).any(dim=1) for i in range(0, q.shape[0], block)]
+    )
 
 
 def precision_recall(gen_feats_MD, ref_feats_ND, k: int = 3, features: str = "") -> PRResult:
     """Improved precision/recall of generated features ``[M, D]`` against reference features ``[N, D]``."""
     gen, ref = _as_tensor(gen_feats_MD, "gen_feats"), _as_tensor(ref_feats_ND, "ref_feats")
     if gen.shape[1] != ref.shape[1]:
-        raise ValueError(f"gen_feats {tuple(gen.shape)} and ref_feats {tuple(ref.shape)} differ in feature dim")
+        raise ValueError(
+            f"gen_feats {tuple(gen.shape)} and ref_feats {tuple(ref.shape)} differ in feature dim"
+        )
     precision = in_manifold(gen, ref, knn_radii(ref, k)).double().mean().item()
     recall = in_manifold(ref, gen, knn_radii(gen, k)).double().mean().item()
-    return PRResult(precision=precision, recall=recall, k=k, features=features,
-                    n_gen=gen.shape[0], n_ref=ref.shape[0])
+    return PRResult(
+        precision=precision, recall=recall, k=k, features=features, n_gen=gen.shape[0], n_ref=ref.shape[0]
+    )

@@ -30,6 +30,7 @@ from tokenloom.generators.layers.norms import make_norm
 from tokenloom.generators.layers.prefix import Prefix, cat_prefixes, make_prefix
 from tokenloom.generators.layers.rope import rope_table_1d, rope_table_2d
 from tokenloom.heads import HEADS
+from tokenloom.heads.base import Head
 from tokenloom.tokens import Grid, Tokens, TokenSpec
 
 ROPES = ("2d", "1d")
@@ -48,6 +49,8 @@ class RasterAR(TokenGenerator):
         rope_type: ``"2d"`` (row/column, LlamaGen) or ``"1d"`` (raster index); ``rope_base`` its base;
             ``prefix_rope``: ``"zero"`` (LlamaGen: cos = sin = 0 on prefix rows) or ``"identity"``.
         fused_qkv: one ``wqkv`` projection.
+        dropout: residual-branch dropout in every block; ``token_dropout``: dropout on the input sequence
+            (prefix + token embeddings), as LlamaGen's ``resid/ffn_dropout_p`` and ``token_dropout_p``.
         condition: ``"class"`` (``num_classes``), ``"text"`` (``cond_dim``, ``cond_len``, optional
             ``text_hidden`` MLP width) or ``"none"``; ``cond_dropout``: training probability of the null condition.
         head: head name in the heads registry; ``head_options``: extra head arguments (e.g. ``{"bias": True}``).
@@ -74,6 +77,8 @@ class RasterAR(TokenGenerator):
         rope_base: float = 10000.0,
         prefix_rope: str = "zero",
         fused_qkv: bool = True,
+        dropout: float = 0.0,
+        token_dropout: float = 0.0,
         condition: str = "class",
         num_classes: int | None = None,
         cond_dim: int | None = None,
@@ -103,10 +108,11 @@ class RasterAR(TokenGenerator):
         self.prefix = make_prefix(condition, width, num_classes=num_classes, cond_dim=cond_dim, cond_len=cond_len,
                                   dropout=cond_dropout, text_hidden=text_hidden)
         self.tok_embeddings = nn.Embedding(spec.vocab_size, width)
+        self.input_dropout = nn.Dropout(token_dropout)
         self.layers = nn.ModuleList(
             TransformerBlock(width, num_heads, num_kv_heads, mlp=mlp, multiple_of=multiple_of,
                              ffn_dim_multiplier=ffn_dim_multiplier, mlp_ratio=mlp_ratio, norm=norm_type,
-                             norm_eps=norm_eps, fused_qkv=fused_qkv)
+                             norm_eps=norm_eps, fused_qkv=fused_qkv, dropout=dropout)
             for _ in range(depth)
         )
         self.norm = make_norm(norm_type, width, norm_eps)
@@ -168,6 +174,7 @@ class RasterAR(TokenGenerator):
     def _run(self, x: Tensor, start: int, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         """Blocks + final norm over ``x: [B, T, C]`` at positions ``start..start+T-1`` → ``[B, T, C]``."""
         rope = self.rope_table[start:start + x.shape[1]]
+        x = self.input_dropout(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, None if cache is None else cache.layers[i])
         if cache is not None:
@@ -260,7 +267,7 @@ class RasterAR(TokenGenerator):
         z = self.hidden(self.embed_prefix(cond), target[:, :-1, 0])  # [B, L, C]
         z_flat = z.flatten(0, 1)
         out = {"loss": self.output_head.loss(z_flat, target.flatten(0, 1)).mean()}
-        if return_logits and hasattr(self.output_head, "sample_logits"):
+        if return_logits and type(self.output_head).logits is not Head.logits:
             out["logits"] = self.output_head.logits(z_flat).unflatten(0, (b, -1))
         return out
 
@@ -289,7 +296,7 @@ class RasterAR(TokenGenerator):
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         cond = self.as_condition(cond)
-        b, length = cond.batch_size, self.spec.length
+        b = cond.batch_size
         if isinstance(generator, (list, tuple)) and len(generator) != b:
             raise ValueError(f"generator must be one torch.Generator or a list of {b} (one per row), "
                              f"got a list of {len(generator)}")
@@ -297,6 +304,17 @@ class RasterAR(TokenGenerator):
         if guided and self.condition_kind == "none":
             raise ValueError(f"guidance needs a conditional generator; this one has condition='none' "
                              f"(guidance_scale={params.guidance_scale})")
+        was_training = self.training
+        self.eval()  # no dropout while sampling, whatever mode the caller left the model in
+        try:
+            codes = self._decode(cond, params, generator, guided, progress)
+        finally:
+            self.train(was_training)
+        return Tokens(codes, self.spec)
+
+    def _decode(self, cond: Condition, params: SamplingParams, generator, guided: bool, progress: bool) -> Tensor:
+        """One-token-per-step cached decoding → codes ``[B, L, depth]``."""
+        b, length = cond.batch_size, self.spec.length
         prefix = self.embed_prefix(cond, guided, drop=False)
         cache = self.new_cache(prefix.x.shape[0])
         z = self.prefill(prefix, cache)  # [B or 2B, C]
@@ -308,4 +326,4 @@ class RasterAR(TokenGenerator):
             if t + 1 < length:
                 feed = codes[:, t, :1]
                 z = self.step(torch.cat([feed, feed]) if guided else feed, cache)[:, 0]
-        return Tokens(codes, self.spec)
+        return codes

@@ -15,8 +15,14 @@ different steps::
     for j in reversed(range(S)):                       # or any per-row schedule of step indices
         x = head.denoise_step(x, torch.full((N,), j), z, chain, generator=generator)
 
-    head.predict(x_t, t, z)        # raw MLP output [N, 2D] (eps | v) at original timesteps t: [N]
-    head.add_noise(x0, t, noise)   # q(x_t | x0) on the 1000-step training chain
+    head.predict(x_t, t, z, z_uncond, s)   # MLP output [N, 2D] (guided eps | v) at original timesteps t: [N]
+    chain.model_timesteps(step)            # step indices of a respaced chain -> original timesteps
+    head.add_noise(x0, t, noise)           # q(x_t | x0) on the 1000-step training chain
+
+Measured caveat (tests/test_diffusion_head.py): the first step of every respaced chain starts at t = 999, where
+``pred_x0 ≈ 2·10⁴ (x_t − eps)``; the posterior mean multiplies an eps error by ~300 (100 steps) or ~600
+(50 steps). A toy MLP after a few thousand updates still errs by ~0.02 there and its samples blow up, so
+briefly trained heads need ``clip_denoised`` (off by default, as in MAR).
 """
 
 from __future__ import annotations
@@ -45,11 +51,15 @@ class DiffusionHead(ContinuousHead):
         noise_temperature: default multiplier of the per-step noise (MAR's ``temperature``).
         diffusion_batch_mul: timesteps drawn per row in ``loss`` (MAR: 4).
         num_train_steps: steps of the training chain (MAR: 1000).
+        clip_denoised: clamp the predicted x0 to ``[-c, c]`` while sampling (IDDPM's ``clip_denoised`` with a
+            range; MAR: None). The first step of a respaced chain starts at t = 999 where
+            ``pred_x0 = 2·10⁴ (x_t − eps)``: it multiplies eps errors by ~300 (100 steps), and a briefly
+            trained MLP's samples blow up unless its tokens' range is known and clipped.
     """
 
     def __init__(self, spec: TokenSpec, width: int, *, depth: int = 3, mlp_width: int = 1024,
                  num_sampling_steps: int = 100, noise_temperature: float = 1.0, diffusion_batch_mul: int = 4,
-                 num_train_steps: int = 1000):
+                 num_train_steps: int = 1000, clip_denoised: float | None = None):
         super().__init__(spec, width, depth=depth, mlp_width=mlp_width, out_factor=2,
                          num_sampling_steps=num_sampling_steps, noise_temperature=noise_temperature,
                          diffusion_batch_mul=diffusion_batch_mul)
@@ -57,6 +67,11 @@ class DiffusionHead(ContinuousHead):
         if num_sampling_steps > num_train_steps:
             raise ValueError(f"num_sampling_steps must be <= num_train_steps={num_train_steps}, "
                              f"got {num_sampling_steps}")
+        if clip_denoised is not None:
+            clip_denoised = _non_negative_float("clip_denoised", clip_denoised)
+            if clip_denoised == 0:
+                raise ValueError("clip_denoised must be None (off) or > 0, got 0")
+        self.clip_denoised = clip_denoised
         self.train_chain = GaussianDiffusion.cosine(num_train_steps)
 
     def chain(self, num_steps: int | None = None) -> GaussianDiffusion:
@@ -119,7 +134,7 @@ class DiffusionHead(ContinuousHead):
                                    self.noise_temperature if noise_temperature is None else noise_temperature)
         out = self.predict(x_t, chain.model_timesteps(step), z, z_uncond, guidance_scale)
         noise = self.randn(tuple(x_t.shape), generator, like=x_t) if bool((step != 0).any()) else None
-        return chain.p_sample(out, x_t, step, noise, temp)
+        return chain.p_sample(out, x_t, step, noise, temp, self.clip_denoised)
 
     @torch.no_grad()
     def sample(self, z: Tensor, params: SamplingParams, generator: torch.Generator | None = None,

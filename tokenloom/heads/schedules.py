@@ -123,9 +123,10 @@ class GaussianDiffusion:
         return mean, self._at(self.posterior_log_variance_clipped, step, x_t)
 
     # -- reverse process ---------------------------------------------------------------------------------
-    def p_mean_variance(self, model_out: Tensor, x_t: Tensor, step: Tensor) -> dict[str, Tensor]:
-        """IDDPM's ``p_mean_variance`` (learned range, epsilon prediction, no clipping): mean, variance,
-        log_variance, pred_x0, all ``[N, D]``."""
+    def p_mean_variance(self, model_out: Tensor, x_t: Tensor, step: Tensor,
+                        clip_denoised: float | None = None) -> dict[str, Tensor]:
+        """IDDPM's ``p_mean_variance`` (learned range, epsilon prediction): mean, variance, log_variance,
+        pred_x0, all ``[N, D]``. ``clip_denoised``: clamp pred_x0 to ``[-c, c]`` (MAR: None, no clipping)."""
         d = x_t.shape[-1]
         eps, v = model_out[:, :d], model_out[:, d:]
         min_log = self._at(self.posterior_log_variance_clipped, step, x_t)
@@ -134,16 +135,18 @@ class GaussianDiffusion:
         log_variance = frac * max_log + (1 - frac) * min_log
         pred_x0 = self._at(self.sqrt_recip_alphas_cumprod, step, x_t) * x_t - \
             self._at(self.sqrt_recipm1_alphas_cumprod, step, x_t) * eps
+        if clip_denoised is not None:
+            pred_x0 = pred_x0.clamp(-clip_denoised, clip_denoised)
         mean, _ = self.q_posterior(pred_x0, x_t, step)
         return {"mean": mean, "variance": log_variance.exp(), "log_variance": log_variance, "pred_x0": pred_x0}
 
     def p_sample(self, model_out: Tensor, x_t: Tensor, step: Tensor, noise: Tensor | None,
-                 noise_temperature: float = 1.0) -> Tensor:
+                 noise_temperature: float = 1.0, clip_denoised: float | None = None) -> Tensor:
         """``x_{t-1} = mean + [step != 0] · exp(log_var / 2) · noise · noise_temperature`` (MAR's temperature).
 
         ``noise`` may be None when every row is at step 0 (the last step adds no noise).
         """
-        out = self.p_mean_variance(model_out, x_t, step)
+        out = self.p_mean_variance(model_out, x_t, step, clip_denoised)
         if noise is None:
             if bool((step != 0).any()):
                 raise ValueError("noise may only be None when every row is at step 0")

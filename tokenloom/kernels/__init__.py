@@ -2,7 +2,15 @@
 
 ``sample(logits, params, generator, *, uncond_logits=None, backend=None) -> indices`` is the one
 entry point: ``backend=None`` picks the best available path (Triton on CUDA, the fast torch path
-on CPU), ``"reference"`` the plain path used by tests.
+elsewhere), ``"reference"`` the plain path used by tests, ``"torch-compiled"`` the torch path with its
+elementwise stages through ``torch.compile`` (opt-in: the first call compiles for ~20 s).
+
+Every path implements one contract (``reference.py``): the same logits, params and generator state give
+the same token on every path, up to float rounding at a boundary (documented per path). The only
+randomness is one float64 uniform per row (:func:`row_uniforms`), so with a list of generators row
+``i`` depends only on ``generator[i]``.
+
+Bitwise tokens: :func:`sample_bits`. Speculative decoding: :func:`speculative_accept`.
 """
 
 from __future__ import annotations
@@ -11,10 +19,24 @@ import torch
 from torch import Tensor
 
 from tokenloom.config import SamplingParams
+from tokenloom.kernels.bits import sample_bits
 from tokenloom.kernels.checks import check_sample_inputs
-from tokenloom.kernels.reference import filtered_probs, sample_reference
+from tokenloom.kernels.reference import filtered_probs, filtered_weights, row_uniforms, sample_reference
+from tokenloom.kernels.speculative import speculative_accept
+from tokenloom.kernels.torch_sampling import sample_torch
 
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "torch", "torch-compiled", "triton")
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices (and on CPU tensors only under ``TRITON_INTERPRET=1``)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def sample(
@@ -32,7 +54,7 @@ def sample(
         params: :class:`SamplingParams`; temperature/top_k/top_p/min_p may be ``[B]`` tensors.
         generator: one ``torch.Generator`` or a list of ``B`` (one per row) for reproducible draws.
         uncond_logits: ``[B, V]`` unconditional logits; guidance uses ``params.guidance_scale``.
-        backend: None (best available), ``"reference"``, ``"torch"`` or ``"triton"``.
+        backend: None (best available), ``"reference"``, ``"torch"``, ``"torch-compiled"`` or ``"triton"``.
 
     Returns:
         ``[B]`` long indices.
@@ -40,7 +62,25 @@ def sample(
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     check_sample_inputs(logits, params, uncond_logits, generator)
-    return sample_reference(logits, params, generator, uncond_logits)
+    uniforms = row_uniforms(generator, logits.shape[0], logits.device)[:, 0]
+    if backend is None:
+        backend = "triton" if triton_available(logits.device) else "torch"
+    if backend == "reference":
+        return sample_reference(logits, params, uniforms, uncond_logits)
+    if backend == "triton":
+        from tokenloom.kernels.triton_sampling import sample_triton  # imports triton only when asked
+
+        return sample_triton(logits, params, uniforms, uncond_logits)
+    return sample_torch(logits, params, uniforms, uncond_logits, compile=backend == "torch-compiled")
 
 
-__all__ = ["sample", "filtered_probs", "BACKENDS"]
+__all__ = [
+    "BACKENDS",
+    "filtered_probs",
+    "filtered_weights",
+    "row_uniforms",
+    "sample",
+    "sample_bits",
+    "speculative_accept",
+    "triton_available",
+]

@@ -6,14 +6,15 @@ float32 → guidance → temperature → min-p → top-k → top-p → draw. It 
 The sampling contract every path implements (so that the same logits, params and uniforms give the
 same token on every path, up to float rounding at a boundary):
 
-* guidance ``x = u + s·(c − u)`` (skipped when ``s == 1``), tempered logits ``z = x / T``;
+* guidance ``x = u + s·(c − u)`` rounded once (skipped when ``s == 1``), tempered logits ``z = x / T``;
   ``T == 0`` is greedy: the first index of ``max x``.
 * rank: ``z`` descending, ties broken by the lower vocabulary index.
 * weights ``e = exp(z − max z)`` (unnormalised; the best token has weight 1).
 * min-p keeps ``e >= min_p``; top-k keeps the ``k`` best-ranked survivors; top-p keeps, among the top-k
-  survivors in rank order, each token whose preceding mass is ``< top_p · Z`` (``Z`` = their total mass).
+  survivors in rank order, each token whose preceding mass is ``< top_p · Z`` (``Z`` = their total mass;
+  masses are float32 cumulative sums in rank order).
 * draw: inverse CDF in **vocabulary index order** over the kept weights: with ``U`` the row's uniform
-  in ``[0, 1)``, the token is the first index whose cumulative kept weight exceeds ``U · total``.
+  in ``[0, 1)``, the token is the first index whose cumulative kept weight (float64) exceeds ``U · total``.
   The uniforms come from :func:`row_uniforms`, one per row, so row ``i`` depends only on its generator.
 """
 
@@ -40,12 +41,16 @@ def row_uniforms(generator, rows: int, device, per_row: int = 1) -> Tensor:
 
 
 def guided_logits(logits: Tensor, uncond_logits: Tensor | None, guidance_scale: float) -> Tensor:
-    """float32 ``uncond + s·(cond − uncond)`` of ``[B, V]`` logits; the logits themselves when ``s == 1``."""
+    """float32 ``uncond + s·(cond − uncond)`` of ``[B, V]`` logits; the logits themselves when ``s == 1``.
+
+    ``s·d + uncond`` is rounded once (``torch.add(..., alpha=s)`` is a fused multiply-add on CPU; the
+    Triton kernel uses ``tl.fma``), so every path computes bit-identical guided logits.
+    """
     x = logits.float()
     if uncond_logits is None or guidance_scale == 1.0:
         return x
     u = uncond_logits.float()
-    return u + guidance_scale * (x - u)
+    return torch.add(u, x - u, alpha=guidance_scale)
 
 
 def row_params(params: SamplingParams, rows: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -78,8 +83,8 @@ def filtered_weights(logits: Tensor, params: SamplingParams, uncond_logits: Tens
     # top-p over the top-k survivors, in rank order: keep while the mass before a token is < p · Z.
     w = torch.where(keep, e, torch.zeros_like(e))
     w_sorted = torch.gather(w, 1, order)
-    mass_before = torch.cumsum(w_sorted, dim=-1) - w_sorted
-    keep_sorted = mass_before < top_p[:, None] * w_sorted.sum(dim=-1, keepdim=True)
+    cum = torch.cumsum(w_sorted, dim=-1)
+    keep_sorted = (cum - w_sorted < top_p[:, None] * cum[:, -1:]) | (top_p[:, None] >= 1)  # 1.0 = off
     keep &= torch.zeros_like(keep).scatter_(1, order, keep_sorted)
     w = torch.where(keep, e, torch.zeros_like(e))
     if greedy.any():
@@ -106,12 +111,12 @@ def filtered_probs(logits: Tensor, params: SamplingParams, uncond_logits: Tensor
 def draw_index_order(weights: Tensor, uniforms: Tensor) -> Tensor:
     """Inverse-CDF draw in index order: ``weights [B, V] >= 0`` (not all 0), ``uniforms [B]`` → ``[B]`` long.
 
-    The token is the first index whose cumulative weight exceeds ``U · total`` (float64 comparison); if
+    The token is the first index whose cumulative weight (summed in float64) exceeds ``U · total``; if
     rounding leaves none, the last index with positive weight.
     """
-    cum = torch.cumsum(weights, dim=-1)
-    target = uniforms.to(torch.float64) * cum[:, -1].double()
-    over = cum.double() > target[:, None]
+    cum = torch.cumsum(weights.double(), dim=-1)
+    target = uniforms.to(torch.float64) * cum[:, -1]
+    over = cum > target[:, None]
     idx = torch.arange(weights.shape[-1], device=weights.device)
     last_kept = torch.where(weights > 0, idx, -1).amax(dim=-1)
     first_over = torch.where(over, idx, weights.shape[-1]).amin(dim=-1)

@@ -8,7 +8,9 @@ checkpoint samples with its reference settings unless the caller overrides them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +23,8 @@ from tokenloom.config import GuidanceSchedule, SamplingParams
 from tokenloom.tokens import Tokens
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
+SHIM = "tokenloom_pipeline"
+SHIM_DOC = '"""tokenloom pipeline shim: lets diffusers\' generic loader find the class (needs tokenloom)."""'
 _SCALAR_FIELDS = ("temperature", "top_k", "top_p", "min_p", "guidance_scale", "num_steps")
 
 
@@ -78,6 +82,40 @@ class TokenPipeline(DiffusionPipeline):
     task: str = ""
     model_cpu_offload_seq = "conditioner->token_generator->image_tokenizer"
     _optional_components = ["conditioner"]
+
+    def register_modules(self, **kwargs):
+        """As diffusers, but tokenloom components are recorded as ``["tokenloom.components", ClassName]``."""
+        from tokenloom.components import LIBRARY
+
+        super().register_modules(**kwargs)
+        for name, module in kwargs.items():
+            if module is not None and type(module).__module__.startswith("tokenloom."):
+                self.register_to_config(**{name: (LIBRARY, type(module).__name__)})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """As diffusers; imports the component modules the folder names and trusts tokenloom's own shim."""
+        from tokenloom.pipelines.registry import import_components
+
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / "model_index.json").exists():
+            import_components(folder)
+            shim = folder / f"{SHIM}.py"
+            if shim.exists() and shim.read_text().startswith(SHIM_DOC):
+                kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """As diffusers, plus a one-line ``tokenloom_pipeline.py`` shim so that the generic
+        ``DiffusionPipeline.from_pretrained(folder)`` finds this class (``_class_name`` names the shim)."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        cls = type(self)
+        (folder / f"{SHIM}.py").write_text(f"{SHIM_DOC}\nfrom {cls.__module__} import {cls.__name__}  # noqa: F401\n")
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [SHIM, cls.__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def _register(self, image_tokenizer, token_generator, conditioner=None, sampling_defaults=None):
         if image_tokenizer is not None and token_generator is not None:

@@ -53,11 +53,21 @@ def default_model(task: str) -> Path:
     return path
 
 
+def import_components(path: Path) -> dict:
+    """Import the tokenloom modules a folder's ``model_index.json`` names (diffusers loads only imported ones)."""
+    index = json.loads((path / "model_index.json").read_text())
+    for value in index.values():
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) \
+                and value[0].startswith("tokenloom."):
+            importlib.import_module(value[0])
+    return index
+
+
 def _check_folder(path: Path, cls: type) -> None:
     index = path / "model_index.json"
     if not path.is_dir() or not index.exists():
         raise ValueError(f"model must be a pipeline folder containing model_index.json, got {str(path)!r}")
-    class_name = json.loads(index.read_text()).get("_class_name")
+    class_name = import_components(path).get("_class_name")
     if isinstance(class_name, list):
         class_name = class_name[-1]
     if class_name != cls.__name__:
@@ -83,7 +93,7 @@ def load(path, **kwargs):
     index = path / "model_index.json"
     if not index.exists():
         raise ValueError(f"path must be a pipeline folder containing model_index.json, got {str(path)!r}")
-    class_name = json.loads(index.read_text()).get("_class_name")
+    class_name = import_components(path).get("_class_name")
     if isinstance(class_name, list):
         class_name = class_name[-1]
     _load_tasks()

@@ -11,6 +11,7 @@ straight-through estimator ``z + (z_q - z).detach()`` so gradients reach the enc
   (``cluster_size``, ``embed_sum`` buffers, Laplace-smoothed) instead of gradients.
 * ``dead_code_threshold > 0``: a code whose moving-average assignment count per batch (``code_usage``)
   falls below the threshold is replaced by a random input vector of the current batch (training mode only).
+  The average starts at 0, so the first training batch initialises the codebook from encoder outputs.
 
 Why our own instead of vector-quantize-pytorch: the module tree must load LlamaGen's ``quantize.embedding``
 checkpoints unchanged, and the nearest-code search must be our kernel (exact, blocked, Triton on GPUs).
@@ -102,8 +103,10 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("cluster_size", torch.zeros(num_codes))
             self.register_buffer("embed_sum", self.embedding.weight.detach().clone())
         if self.dead_code_threshold > 0:
-            # Start above the threshold so that no code is restarted before it had a chance to be used.
-            self.register_buffer("code_usage", torch.full((num_codes,), 2.0 * self.dead_code_threshold + 1.0))
+            # Starts at 0: the first training batch restarts every code it does not use, i.e. it initialises
+            # the codebook from encoder outputs. A restarted code gets 2x the threshold, so it has about
+            # ln 2 / (1 - usage_decay) steps to be picked before it is restarted again.
+            self.register_buffer("code_usage", torch.zeros(num_codes))
 
     def codebook(self) -> Tensor:
         """``[K, D]`` codebook as used (L2-normalised when ``l2_norm``)."""
@@ -164,7 +167,7 @@ class VectorQuantizer(nn.Module):
             if dead.numel():
                 picks = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
                 weight[dead] = flat[picks]
-                self.code_usage[dead] = 2.0 * self.dead_code_threshold + 1.0
+                self.code_usage[dead] = 2.0 * self.dead_code_threshold
                 if self.ema_decay > 0:
                     self.cluster_size[dead] = 1.0
                     self.embed_sum[dead] = flat[picks]

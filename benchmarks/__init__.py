@@ -1,0 +1,1 @@
+"""Reproducible speed/memory measurements: ``python -m benchmarks.NAME --json out.json``."""

@@ -1,0 +1,195 @@
+"""Sampling step speed: guidance + temperature + top-k + top-p + draw, ours vs the usual ways, CPU.
+
+Run: ``python -m benchmarks.sampling --json out.json [--plot out.png]``.
+
+Workloads (all with a guidance pair, scale 1.5, temperature 1.0, top_k 900, top_p 0.96): the main one,
+32 rows × V = 16,384; V = 4,096 and 65,536 (32 rows); a single row (V = 16,384). Methods:
+
+* ``hf_warpers`` (a): Hugging Face transformers' logits processors as ``generate`` chains them —
+  ``ClassifierFreeGuidanceLogitsProcessor`` (log-softmax both, mix), ``TemperatureLogitsWarper``,
+  ``TopKLogitsWarper``, ``TopPLogitsWarper`` — then softmax and ``torch.multinomial``. transformers is not a
+  dependency, so the chain is re-implemented here line for line (same ops, same order).
+* ``sort_filter`` (b): the LlamaGen/VAR recipe — mix, divide, ``topk`` threshold, full ``sort`` + softmax +
+  cumsum for top-p, softmax, ``torch.multinomial``.
+* ``amax_floor`` (c): one ``amax`` pass over the ``[B, V]`` logits — the floor a fused kernel aims at.
+* ours: ``reference`` (the plain yardstick), ``torch`` (the fast path), ``torch_compiled`` (its elementwise
+  stages through ``torch.compile``; compile time is reported separately, not timed).
+
+Timing: ``torch.set_num_threads(--threads)`` (default 2); every repeat runs every method once, in turn, so
+load changes on this shared machine hit all of them alike; the reported time is the median over
+``--repeats``, and ratios are taken between medians. The load average before and after is recorded: the
+machine runs other jobs, so absolute times move between runs; ratios move much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tokenloom import kernels
+from tokenloom.config import SamplingParams
+
+SCALE, TEMPERATURE, TOP_K, TOP_P = 1.5, 1.0, 900, 0.96
+WORKLOADS = {"main": (32, 16_384), "V=4096": (32, 4_096), "V=65536": (32, 65_536), "single row": (1, 16_384)}
+
+
+# ---- (a) transformers' processors, re-implemented op for op ----
+
+def hf_warpers(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    scores = F.log_softmax(torch.cat([cond, uncond]), dim=-1)  # ClassifierFreeGuidanceLogitsProcessor
+    c, u = scores.split(cond.shape[0], dim=0)
+    scores = u + (c - u) * SCALE
+    scores = scores / TEMPERATURE  # TemperatureLogitsWarper
+    top_k = min(max(TOP_K, 1), scores.size(-1))  # TopKLogitsWarper
+    remove = scores < torch.topk(scores, top_k)[0][..., -1, None]
+    scores = scores.masked_fill(remove, -float("inf"))
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)  # TopPLogitsWarper
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    sorted_remove = cumulative <= (1 - TOP_P)
+    sorted_remove[..., -1:] = 0
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    scores = scores.masked_fill(remove, -float("inf"))
+    probs = F.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# ---- (b) the reference repositories' sort-based filter ----
+
+def sort_filter(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    logits = uncond + (cond - uncond) * SCALE
+    logits = logits / max(TEMPERATURE, 1e-5)
+    kth = torch.topk(logits, TOP_K)[0][..., -1, None]
+    logits = logits.masked_fill(logits < kth, -float("inf"))
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    sorted_remove = cumulative > TOP_P
+    sorted_remove[..., 1:] = sorted_remove[..., :-1].clone()
+    sorted_remove[..., 0] = False
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    logits = logits.masked_fill(remove, -float("inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+def amax_floor(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return cond.amax(dim=-1)
+
+
+def ours(backend: str):
+    params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, guidance_scale=SCALE)
+
+    def run(cond, uncond, generator):
+        return kernels.sample(cond, params, generator, uncond_logits=uncond, backend=backend)
+
+    return run
+
+
+METHODS = {
+    "hf_warpers": hf_warpers,
+    "sort_filter": sort_filter,
+    "amax_floor": amax_floor,
+    "reference": ours("reference"),
+    "torch": ours("torch"),
+    "torch_compiled": ours("torch-compiled"),
+}
+
+
+def measure(rows: int, vocab: int, methods: dict, repeats: int, seed: int = 0,
+            clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each method on one workload (methods interleaved per repeat)."""
+    g = torch.Generator().manual_seed(seed)
+    cond, uncond = torch.randn(rows, vocab, generator=g) * 4, torch.randn(rows, vocab, generator=g) * 4
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for name, fn in methods.items():  # warm-up (and compile)
+        fn(cond, uncond, torch.Generator().manual_seed(0))
+    for r in range(repeats):
+        for name, fn in methods.items():
+            gen = torch.Generator().manual_seed(r)
+            start = clock()
+            fn(cond, uncond, gen)
+            times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", required=True, help="write results here")
+    parser.add_argument("--plot", help="write a PNG bar chart here")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = dict(METHODS)
+    compile_seconds = None
+    if args.no_compile:
+        methods.pop("torch_compiled")
+    else:
+        g = torch.Generator().manual_seed(0)
+        cond, uncond = torch.randn(32, 16_384, generator=g), torch.randn(32, 16_384, generator=g)
+        start = time.perf_counter()
+        methods["torch_compiled"](cond, uncond, g)
+        compile_seconds = time.perf_counter() - start
+    load_before = os.getloadavg()
+    results = {}
+    for name, (rows, vocab) in WORKLOADS.items():
+        med = measure(rows, vocab, methods, args.repeats)
+        floor, ours_t = med["amax_floor"], med["torch"]
+        ratios = {"torch vs hf_warpers (speedup)": med["hf_warpers"] / ours_t,
+                  "torch vs sort_filter (speedup)": med["sort_filter"] / ours_t,
+                  "torch / amax_floor": ours_t / floor}
+        if "torch_compiled" in med:
+            ratios["torch_compiled vs hf_warpers (speedup)"] = med["hf_warpers"] / med["torch_compiled"]
+            ratios["torch_compiled vs sort_filter (speedup)"] = med["sort_filter"] / med["torch_compiled"]
+            ratios["torch_compiled / amax_floor"] = med["torch_compiled"] / floor
+        results[name] = {"rows": rows, "vocab": vocab, "median_us": {k: v * 1e6 for k, v in med.items()},
+                         "ratios": ratios}
+        print(f"\n{name}: {rows} rows × V={vocab}")
+        for k, v in med.items():
+            print(f"  {k:16s} {v * 1e6:11.1f} us")
+        for k, v in ratios.items():
+            print(f"  {k:42s} {v:8.2f}")
+    out = {
+        "workload": {"guidance_scale": SCALE, "temperature": TEMPERATURE, "top_k": TOP_K, "top_p": TOP_P},
+        "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "load_average_before": load_before,
+        "load_average_after": os.getloadavg(), "compile_seconds": compile_seconds, "results": results,
+    }
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"\nload average before {load_before}, after {out['load_average_after']}; wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(results.values()))["median_us"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(results))], [r["median_us"][name] for r in results.values()],
+               width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], list(results))
+    ax.set_yscale("log")
+    ax.set_ylabel("median time per call (µs, log)")
+    ax.set_title(f"sampling step: top_k {TOP_K}, top_p {TOP_P}, guidance {SCALE}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

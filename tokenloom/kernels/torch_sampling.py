@@ -1,0 +1,328 @@
+"""Fast torch sampler for CPUs (and any device without Triton): same contract as ``reference.py``.
+
+Why our own code: no library samples with per-row top-k/top-p/min-p, guidance and an order-independent
+draw without sorting the vocabulary. The reference sorts every row (``O(V log V)``); this path never
+sorts the vocabulary, and touches all ``V`` logits only in a few streaming passes:
+
+* **candidates** (rows with top-k): the ``k + 1`` best tokens, unordered, by a two-level selection —
+  column maxima over ``g ≈ √(V/k)`` strided groups (one reduction), ``topk`` over those maxima, ``topk``
+  over the ``g·(k+1)`` members of the winning columns. Every top-``(k+1)`` token lies in a winning column
+  (its column's maximum is at least its own value), so the set is exact; the extra token detects ties at
+  the boundary, and tied rows are re-ranked exactly with an ``int64`` key ``(z, −index)``.
+* **thresholds** instead of an ordered candidate list: only the candidate *values* are sorted (numpy's
+  SIMD sort on CPU), min-p → top-k → top-p run on them in rank order and give the kept count ``r``; the
+  kept tokens are the candidates ``>= value[r − 1]`` (exact when no two candidates tie; tied rows are put
+  in exact rank order first). Rows without top-p and with one shared ``k`` skip the sort.
+* **top-p without top-k**: one ``exp`` pass for the total mass, then candidates of a guessed count that
+  grows ×8 until they hold the top-p set.
+* **draw**: inverse CDF in vocabulary index order (the contract) in two levels — block sums of 64 indices
+  by ``scatter_add`` of the kept candidates, then one dense block — instead of ``torch.multinomial`` or a
+  cumulative sum over the vocabulary. Sums are float64, so the token matches the reference's except when
+  two float64 summation orders round across ``U · total`` (probability ~1e-16 per draw).
+
+``compile=True`` runs the elementwise front (guidance, temperature, column maxima) and the per-candidate
+stage through ``torch.compile`` (Inductor fuses each into one C++ loop). It is opt-in and lazy because the
+first call compiles for ~20 s; its guidance may be contracted into an FMA, so tokens can differ from the
+reference's at a float boundary. ``benchmarks/sampling.py`` measures both.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tokenloom.config import SamplingParams
+from tokenloom.kernels.reference import guided_logits, row_params
+
+DRAW_BLOCK = 64  # indices per block of the two-level index-order draw
+TOP_P_GUESS = 1024  # first candidate count for rows with top-p but no top-k
+GROWTH = 8  # candidate count growth when the guess does not hold the top-p set
+
+
+def sample_torch(
+    logits: Tensor,
+    params: SamplingParams,
+    uniforms: Tensor,
+    uncond_logits: Tensor | None = None,
+    *,
+    compile: bool = False,
+) -> Tensor:
+    """Draw one index per row of ``logits: [B, V]`` given ``uniforms: [B]`` float64 → ``[B]`` long.
+
+    Inputs are assumed checked (:func:`tokenloom.kernels.checks.check_sample_inputs`).
+    """
+    b, v = logits.shape
+    temperature, top_k, top_p, min_p = row_params(params, b, logits.device)
+    greedy = temperature == 0
+    ranked = (top_k > 0) | (top_p < 1)
+    x = _guided(logits, uncond_logits, params.guidance_scale)
+    tokens = torch.empty(b, dtype=torch.long, device=logits.device)
+    for rows, fn in ((ranked & ~greedy, _sample_ranked), (~ranked & ~greedy, _sample_dense)):
+        if bool(rows.all()):
+            return fn(x, temperature, top_k, top_p, min_p, uniforms, compile)
+        if bool(rows.any()):
+            idx = rows.nonzero()[:, 0]
+            tokens[idx] = fn(x[idx], temperature[idx], top_k[idx], top_p[idx], min_p[idx], uniforms[idx], compile)
+    if bool(greedy.any()):
+        idx = greedy.nonzero()[:, 0]
+        tokens[idx] = x[idx].argmax(dim=-1)
+    return tokens
+
+
+_LOCAL = threading.local()
+
+
+def _buffer(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A per-thread scratch tensor reused across calls. Fresh multi-MB CPU tensors are ``mmap``-ed and
+    page-faulted on every call (measured here: ~0.8 ms per 2 MB, more than the arithmetic)."""
+    buffers = _LOCAL.__dict__.setdefault("buffers", {})
+    t = buffers.get(name)
+    if t is None or t.shape != shape or t.dtype != like.dtype or t.device != like.device:
+        t = buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return t
+
+
+def _guided(logits: Tensor, uncond_logits: Tensor | None, scale: float) -> Tensor:
+    """:func:`guided_logits` (same arithmetic) written into a reused buffer; the buffer is private to
+    one call of :func:`sample_torch`."""
+    if uncond_logits is None or scale == 1.0 or logits.dtype != torch.float32 or uncond_logits.dtype != torch.float32:
+        return guided_logits(logits, uncond_logits, scale)
+    x = torch.sub(logits, uncond_logits, out=_buffer("guided", tuple(logits.shape), logits))
+    return torch.add(uncond_logits, x, alpha=scale, out=x)
+
+
+def _tempered(x: Tensor, temperature: Tensor) -> Tensor:
+    """``z = x / T`` (``T > 0`` here); no pass over ``x`` when every T is 1."""
+    return x if bool((temperature == 1).all()) else x / temperature[:, None]
+
+
+def _sample_dense(x: Tensor, temperature: Tensor, top_k, top_p, min_p: Tensor, uniforms: Tensor,
+                  compile: bool) -> Tensor:
+    """Rows without top-k/top-p: weights ``exp(z − max)`` (min-p applied) and the two-level draw."""
+    z = _tempered(x, temperature)
+    e = torch.exp(z - z.amax(dim=-1, keepdim=True))
+    if bool((min_p > 0).any()):
+        e = torch.where(e >= min_p[:, None], e, 0.0)
+    return draw_dense(e, uniforms)
+
+
+def _sample_ranked(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
+                   uniforms: Tensor, compile: bool) -> Tensor:
+    """Rows with top-k and/or top-p: work on the best-ranked candidates only."""
+    b, v = x.shape
+    p_only = top_k == 0
+    full_mass = None
+    if bool(p_only.any()):
+        # Top-p without top-k needs the mass of every min-p survivor: one exp pass (float64 sum).
+        z = _tempered(x, temperature)
+        e = torch.exp(z - z.amax(dim=-1, keepdim=True))
+        full_mass = torch.where(e >= min_p[:, None], e, 0.0).sum(dim=-1, dtype=torch.float64).float()
+    kmax = int(top_k.max())
+    count = kmax if full_mass is None else min(v, max(kmax, TOP_P_GUESS))
+    shared_k = full_mass is None and bool((top_k == kmax).all()) and not bool((top_p < 1).any())
+    filter_fn = _filter_compiled() if compile else filter_candidates
+    while True:
+        values, indices, ordered, kth = top_candidates(x, temperature, count)
+        sorted_values = None
+        if not shared_k or values.shape[1] == v:
+            sorted_values, values, indices, ordered = rank_values(values, indices, ordered, v)
+        weights, holds = filter_fn(values, ordered, kth, sorted_values, top_k, top_p, min_p, full_mass)
+        if count >= v or bool(holds.all()):
+            return (_draw_compiled() if compile else draw_candidates)(indices, weights, uniforms, v)
+        count = min(v, count * GROWTH)
+
+
+def filter_candidates(values: Tensor, ordered: Tensor, kth: Tensor, sorted_values: Tensor | None, top_k: Tensor,
+                      top_p: Tensor, min_p: Tensor, full_mass: Tensor | None) -> tuple[Tensor, Tensor]:
+    """min-p → top-k → top-p on the candidates of each row.
+
+    Args:
+        values: ``[B, C]`` candidate tempered logits: unordered, or in rank order where ``ordered [B]``.
+        kth: ``[B]`` the value at rank ``C − 2`` (used when ``sorted_values`` is None: every row's top-k
+            is ``C − 1``, and the extra candidate only marks the boundary).
+        sorted_values: ``[B, C]`` the values sorted descending, or None (one shared k, no top-p).
+        top_k: ``[B]`` (0 = off: top-p alone, then ``full_mass`` is needed); top_p, min_p: ``[B]``.
+        full_mass: ``[B]`` mass of the min-p survivors over the whole row (rows with top_k 0), or None.
+
+    Returns:
+        ``weights [B, C]`` (``exp(z − max)`` on kept candidates, else 0) and ``holds [B]``: whether the
+        candidates provably hold every kept token (always true for rows with a top-k).
+    """
+    rank = torch.arange(values.shape[1], device=values.device)
+    holds = torch.ones_like(ordered)
+    if sorted_values is None:
+        e = torch.exp(values - values.amax(dim=-1, keepdim=True))
+        in_k = torch.where(ordered[:, None], rank < top_k[:, None], values >= kth[:, None])
+        return torch.where(in_k & (e >= min_p[:, None]), e, 0.0), holds
+    row_max = sorted_values[:, :1]
+    e = torch.exp(values - row_max)
+    es = torch.exp(sorted_values - row_max)
+    p_only = top_k == 0
+    ws = torch.where((es >= min_p[:, None]) & ((rank < top_k[:, None]) | p_only[:, None]), es, 0.0)
+    cum = torch.cumsum(ws, dim=-1)
+    mass = cum[:, -1]
+    if full_mass is not None:
+        holds = ~p_only | (mass >= top_p * full_mass)
+        mass = torch.where(p_only, full_mass, mass)
+    in_p = (cum - ws < top_p[:, None] * mass[:, None]) | (top_p[:, None] >= 1)  # 1.0 = off
+    kept = ((ws > 0) & in_p).sum(dim=-1)
+    threshold = sorted_values.gather(1, (kept - 1)[:, None])
+    keep = torch.where(ordered[:, None], rank < kept[:, None], values >= threshold)
+    return torch.where(keep & (e >= min_p[:, None]), e, 0.0), holds
+
+
+def top_candidates(x: Tensor, temperature: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``count + 1`` best-ranked tokens of each row (an exact set, ties broken by lower index).
+
+    Selection runs on the guided logits ``x: [B, V]`` and only the candidates are divided by the
+    temperature (division keeps the order); a tie at the boundary *after* division is detected on the
+    candidates and such rows are recomputed exactly.
+
+    Returns ``values [B, C]`` (tempered), ``indices [B, C]`` with ``C = min(count + 1, V)`` — unordered,
+    except rows flagged in ``ordered [B]`` (exact rank order) — and ``kth [B]``, the value at rank
+    ``count − 1``.
+    """
+    b, v = x.shape
+    unit = bool((temperature == 1).all())
+    if count + 1 >= v:
+        z = _tempered(x, temperature)
+        values, indices = torch.sort(z, dim=-1, descending=True, stable=True)
+        return values, indices, torch.ones(b, dtype=torch.bool, device=x.device), values[:, min(count, v) - 1]
+    take = count + 1
+    groups = math.isqrt(v // take)
+    if groups >= 2 and v % groups == 0:
+        width = v // groups
+        columns_x = x.view(b, groups, width)
+        column_max = torch.amax(columns_x, dim=1, out=_buffer("column_max", (b, width), x))
+        columns = torch.topk(column_max, take, dim=-1, sorted=False).indices
+        members = torch.gather(columns_x, 2, columns[:, None, :].expand(b, groups, take),
+                               out=_buffer("members", (b, groups, take), x)).view(b, groups * take)
+        values, pos = torch.topk(members, take, dim=-1, sorted=False)
+        indices = torch.div(pos, take, rounding_mode="floor") * width + columns.gather(1, pos % take)
+    else:
+        values, indices = torch.topk(x, take, dim=-1, sorted=False)
+    if not unit:
+        values = values / temperature[:, None]
+    lowest2 = torch.topk(values, 2, dim=-1, largest=False).values
+    kth = lowest2[:, 1]
+    tied = lowest2[:, 0] == kth
+    ordered = torch.zeros(b, dtype=torch.bool, device=x.device)
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        z = _tempered(x[rows], temperature[rows])
+        exact = torch.topk(order_key(z), take, dim=-1).indices
+        values, indices, kth = values.clone(), indices.clone(), kth.clone()
+        indices[rows] = exact
+        values[rows] = z.gather(1, exact)
+        kth[rows] = values[rows, count - 1]
+        ordered[rows] = True
+    return values, indices, ordered, kth
+
+
+def rank_values(values: Tensor, indices: Tensor, ordered: Tensor, vocab: int):
+    """Sort candidate values descending; rows with internal ties are put in exact rank order.
+
+    Returns ``sorted_values, values, indices, ordered`` (the last three updated for tied rows).
+    """
+    sorted_values = sort_descending(values)
+    tied = (sorted_values[:, 1:] == sorted_values[:, :-1]).any(dim=-1) & ~ordered
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        key = order_key(values[rows], indices[rows], vocab)
+        perm = torch.sort(key, dim=-1, descending=True).indices
+        values, indices, ordered = values.clone(), indices.clone(), ordered.clone()
+        values[rows] = values[rows].gather(1, perm)
+        indices[rows] = indices[rows].gather(1, perm)
+        ordered[rows] = True
+    return sorted_values, values, indices, ordered
+
+
+def sort_descending(values: Tensor) -> Tensor:
+    """Values sorted descending along the last dim (numpy's SIMD sort on CPU, ~6× ATen's here)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.numpy(), axis=-1)).flip(-1)
+    return torch.sort(values, dim=-1, descending=True).values
+
+
+def order_key(z: Tensor, indices: Tensor | None = None, vocab: int | None = None) -> Tensor:
+    """``int64`` keys ordered as the rank: ``z`` descending, then lower index first.
+
+    ``z: [B, N]``; ``indices`` (default ``arange(N)``) are the vocabulary indices of the columns.
+    """
+    bits = (z + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    if indices is None:
+        indices, vocab = torch.arange(z.shape[-1], device=z.device), z.shape[-1]
+    return (ordered << 32) + (vocab - 1 - indices)
+
+
+def draw_candidates(indices: Tensor, weights: Tensor, uniforms: Tensor, vocab: int) -> Tensor:
+    """Index-order inverse-CDF draw over sparse weights: ``indices, weights: [B, K]`` → ``[B]`` long.
+
+    Level 1: per-block (``DRAW_BLOCK`` indices) sums by ``scatter_add`` and their cumulative sum pick the
+    block holding ``U · total``; level 2 scatters that block's candidates into a dense row and scans it.
+    """
+    b = indices.shape[0]
+    nb = -(-vocab // DRAW_BLOCK)
+    wd = weights.double()
+    block = torch.div(indices, DRAW_BLOCK, rounding_mode="floor")
+    block_cum = torch.zeros(b, nb, dtype=torch.float64, device=wd.device).scatter_add_(1, block, wd).cumsum(-1)
+    in_block, before, target = _pick_block(block_cum, uniforms)
+    mine = (block == in_block[:, None]) & (weights > 0)
+    column = torch.where(mine, indices - in_block[:, None] * DRAW_BLOCK, DRAW_BLOCK)
+    dense = torch.zeros(b, DRAW_BLOCK + 1, dtype=torch.float64, device=wd.device)
+    dense.scatter_(1, column, torch.where(mine, wd, 0.0))
+    first = _first_over(before[:, None] + dense[:, :DRAW_BLOCK].cumsum(-1), target)
+    last_kept = torch.where(weights > 0, indices, -1).amax(dim=-1)
+    return torch.where(first < DRAW_BLOCK, in_block * DRAW_BLOCK + first, last_kept)
+
+
+def draw_dense(weights: Tensor, uniforms: Tensor) -> Tensor:
+    """Index-order inverse-CDF draw over dense ``weights: [B, V]`` → ``[B]`` long (two levels, float64)."""
+    b, v = weights.shape
+    nb = -(-v // DRAW_BLOCK)
+    padded = weights if v == nb * DRAW_BLOCK else torch.nn.functional.pad(weights, (0, nb * DRAW_BLOCK - v))
+    blocks = padded.view(b, nb, DRAW_BLOCK)
+    block_cum = blocks.sum(dim=-1, dtype=torch.float64).cumsum(-1)
+    in_block, before, target = _pick_block(block_cum, uniforms)
+    row = blocks.gather(1, in_block[:, None, None].expand(b, 1, DRAW_BLOCK))[:, 0].double()
+    first = _first_over(before[:, None] + row.cumsum(-1), target)
+    index = torch.arange(v, device=weights.device)
+    last_kept = torch.where(weights > 0, index, -1).amax(dim=-1)
+    return torch.where(first < DRAW_BLOCK, in_block * DRAW_BLOCK + first, last_kept)
+
+
+def _pick_block(block_cum: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """First block whose cumulative mass exceeds ``U · total``; mass before it; the target."""
+    target = uniforms.to(torch.float64) * block_cum[:, -1]
+    in_block = (block_cum <= target[:, None]).sum(dim=-1).clamp(max=block_cum.shape[1] - 1)
+    before = torch.where(in_block > 0, block_cum.gather(1, (in_block - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    return in_block, before, target
+
+
+def _first_over(cum: Tensor, target: Tensor) -> Tensor:
+    """First column of ``cum: [B, N]`` above ``target: [B]`` (N if none)."""
+    over = cum > target[:, None]
+    col = torch.arange(cum.shape[1], device=cum.device)
+    return torch.where(over, col, cum.shape[1]).amin(dim=-1)
+
+
+# ---- opt-in torch.compile variants (built lazily on first use) ----
+
+_COMPILED: dict[str, object] = {}
+
+
+def _filter_compiled():
+    if "filter" not in _COMPILED:
+        _COMPILED["filter"] = torch.compile(filter_candidates, dynamic=True)
+    return _COMPILED["filter"]
+
+
+def _draw_compiled():
+    if "draw" not in _COMPILED:
+        _COMPILED["draw"] = torch.compile(draw_candidates, dynamic=True)
+    return _COMPILED["draw"]
