@@ -7,6 +7,7 @@ weights raises a ``ValueError`` naming the keys and shapes (DESIGN.md §7).
 
 from __future__ import annotations
 
+import torch
 from diffusers import ConfigMixin, ModelMixin
 
 
@@ -39,4 +40,9 @@ class TokenloomModel(ModelMixin, ConfigMixin):
         if missing or unexpected or mismatched:
             raise ValueError(_format_problems(f"{cls.__name__} at {pretrained_model_name_or_path}",
                                               missing, unexpected, mismatched))
+        # safetensors hands back tensors at addresses off 64-byte alignment, which changes BLAS code paths
+        # and so the last bits of outputs; owning aligned copies makes a loaded model bit-identical to the saved one.
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                tensor.data = tensor.data.clone()
         return (model, info) if want_info else model

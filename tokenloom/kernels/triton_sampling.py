@@ -114,6 +114,8 @@ def _sample_kernel(
         else:
             tl.store(z_ptr + base + cols, z, mask=mask)
     m = tl.where(row_ok, m, 0.0)
+    if not SINGLE:
+        tl.debug_barrier()  # the scratch row is complete before the passes that reread it
 
     # Pass 2: the smallest surviving key and the survivor count (bisection brackets).
     key_lo = tl.full([ROWS], 2147483647, tl.int64)
