@@ -211,6 +211,14 @@ def test_converted_var_generates_images_through_the_class_to_image_pipeline(fixt
     batch = pipe([1, 3], generator=[torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)],
                  output_type="tokens").tokens
     assert torch.equal(batch.data[1:], alone.data)
+    import tokenloom
+
+    loaded = tokenloom.pipeline("class-to-image", model=str(tmp_path))  # the written folder loads and samples
+    loaded.set_progress_bar_config(disable=True)
+    if not loaded.token_generator._codec:  # the pipeline should bind when built (reported to the lead)
+        loaded.token_generator.bind_tokenizer(loaded.image_tokenizer)
+    again = loaded([1, 3], generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(again.tokens.data, out.tokens.data) and torch.equal(again.images, out.images)
 
 
 # ------------------------------------------------------------------ other sizes vs an independent reference

@@ -331,3 +331,38 @@ def test_recipe_meets_psnr_and_usage_bars(tmp_path):
     print(metrics)
     assert metrics["psnr"] >= 25.0, metrics
     assert metrics["codebook_usage"] >= 0.8, metrics
+
+
+def test_time_budget_stops_the_loop_and_config_is_validated():
+    model = _tiny()
+    data = torch.utils.data.TensorDataset(_images(8))
+    result = train_tokenizer(model, data, TrainConfig(max_steps=50, batch_size=4, max_minutes=1e-9, progress=False))
+    assert result.steps == 1 and result.stopped_by == "time" and result.cpu_minutes > 0
+    with pytest.raises(ValueError, match="budget_clock"):
+        TrainConfig(budget_clock="gpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        train_tokenizer(model, data, TrainConfig(batch_size=16, progress=False))
+
+
+def test_training_script_runs_a_yaml_recipe(tmp_path):
+    import runpy
+
+    import yaml
+
+    recipe = {
+        "tokenizer": {"name": "vq", **TINY},
+        "data": {"name": "shapes", "split": "train", "image_size": 16, "num_samples": 32},
+        "eval_data": {"name": "shapes", "split": "test", "image_size": 16, "num_samples": 8},
+        "train": {"max_steps": 100, "batch_size": 8, "threads": 1},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "scripts", "train_tokenizer.py"))
+    out_dir = tmp_path / "out"
+    summary = script["main"]([str(path), "--output-dir", str(out_dir), "--set", "train.max_steps=3",
+                              "--no-progress"])
+    assert summary["train_steps"] == 3 and summary["eval"]["num_images"] == 8
+    assert {"config.json", "train_log.json", "eval.json"} <= set(os.listdir(out_dir))
+    assert VQTokenizer.from_pretrained(out_dir).spec == build("vq", **TINY).spec

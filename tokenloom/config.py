@@ -29,7 +29,9 @@ class GuidanceSchedule:
     ``progress = step / (num_steps - 1)`` runs from 0 at the first step to 1 at the last.
 
     * ``constant``: ``s`` at every step.
-    * ``linear``: ``start + (s - start) · progress`` (VAR: ``start=0``; MAR: ``start=1``).
+    * ``linear``: ``start + (s - start) · progress``. VAR's ramp ``(1 + t)·cond − t·uncond`` with
+      ``t = cfg · k/(K−1)`` is ``linear(start=1)`` with ``s = 1 + cfg``; MAR's is ``start=1`` over its own
+      progress (the fraction of revealed tokens: see ``interop/mar.py``).
     * ``power-cosine``: ``start + (s - start) · (1 - cos(π · progress**power)) / 2`` (MDT/Muse).
     * ``steps``: the explicit per-step list ``values`` (``s`` is ignored).
     * ``interval``: ``s`` while ``low <= progress <= high``, else 1.0 (no guidance), e.g. LlamaGen's

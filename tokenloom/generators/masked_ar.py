@@ -59,7 +59,6 @@ import math
 from functools import partial
 
 import torch
-from diffusers import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks the base class up in this module)
 from diffusers.configuration_utils import register_to_config
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn

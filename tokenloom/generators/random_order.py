@@ -14,7 +14,8 @@ token at ``p``.
 
 Sequence (RAR, ``order_signal="target_aware"``): ``[prefix, x(o_1), ..., x(o_{L-1})]`` with each input (the last prefix
 token, then every token) adding the learned *target-aware positional embedding* of the position it predicts next
-(RAR's ``target_aware_pos_embed``); the token's own position is given by RoPE. One token per step only.
+(RAR's ``target_aware_pos_embed``); the token's own position is given by RoPE (RAR adds a learned absolute position
+embedding instead). One token per step only.
 
 Training (``forward``): each row uses a random order with probability ``r`` and raster order otherwise (RAR's
 randomness annealing): ``r = 1`` until ``anneal_start`` training steps, linear to 0 at ``anneal_end``, 0 after

@@ -10,9 +10,10 @@ sorts the vocabulary, and touches all ``V`` logits only in a few streaming passe
   (its column's maximum is at least its own value), so the set is exact; the extra token detects ties at
   the boundary, and tied rows are re-ranked exactly with an ``int64`` key ``(z, −index)``.
 * **thresholds** instead of an ordered candidate list: only the candidate *values* are sorted (numpy's
-  SIMD sort on CPU), min-p → top-k → top-p run on them in rank order and give the kept count ``r``; the
-  kept tokens are the candidates ``>= value[r − 1]`` (exact when no two candidates tie; tied rows are put
-  in exact rank order first). Rows without top-p and with one shared ``k`` skip the sort.
+  sort on CPU, ~6× ATen's here), min-p → top-k → top-p run on them in rank order and give the kept count
+  ``r``; the kept tokens are the candidates ``>= value[r − 1]`` — exact unless another candidate ties
+  that value (then that row is put in exact rank order). Rows without top-p sharing one ``k`` skip the
+  sort.
 * **top-p without top-k**: one ``exp`` pass for the total mass, then candidates of a guessed count that
   grows ×8 until they hold the top-p set.
 * **draw**: inverse CDF in vocabulary index order (the contract) in two levels — block sums of 64 indices
@@ -127,17 +128,18 @@ def _sample_ranked(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
     filter_fn = _filter_compiled() if compile else filter_candidates
     while True:
         values, indices, ordered, kth = top_candidates(x, temperature, count)
-        sorted_values = None
-        if not shared_k or values.shape[1] == v:
-            sorted_values, values, indices, ordered = rank_values(values, indices, ordered, v)
-        weights, holds = filter_fn(values, ordered, kth, sorted_values, top_k, top_p, min_p, full_mass)
+        sorted_values = None if shared_k and values.shape[1] < v else sort_descending(values)
+        weights, holds, cut_tied = filter_fn(values, ordered, kth, sorted_values, top_k, top_p, min_p, full_mass)
+        if bool(cut_tied.any()):  # a tie straddles the top-p cut: put those rows in exact rank order
+            values, indices, ordered = rank_order(values, indices, ordered, cut_tied, v)
+            weights, holds, _ = filter_fn(values, ordered, kth, sorted_values, top_k, top_p, min_p, full_mass)
         if count >= v or bool(holds.all()):
             return (_draw_compiled() if compile else draw_candidates)(indices, weights, uniforms, v)
         count = min(v, count * GROWTH)
 
 
 def filter_candidates(values: Tensor, ordered: Tensor, kth: Tensor, sorted_values: Tensor | None, top_k: Tensor,
-                      top_p: Tensor, min_p: Tensor, full_mass: Tensor | None) -> tuple[Tensor, Tensor]:
+                      top_p: Tensor, min_p: Tensor, full_mass: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """min-p → top-k → top-p on the candidates of each row.
 
     Args:
@@ -149,15 +151,18 @@ def filter_candidates(values: Tensor, ordered: Tensor, kth: Tensor, sorted_value
         full_mass: ``[B]`` mass of the min-p survivors over the whole row (rows with top_k 0), or None.
 
     Returns:
-        ``weights [B, C]`` (``exp(z − max)`` on kept candidates, else 0) and ``holds [B]``: whether the
-        candidates provably hold every kept token (always true for rows with a top-k).
+        ``weights [B, C]`` (``exp(z − max)`` on kept candidates, else 0); ``holds [B]``: whether the
+        candidates provably hold every kept token (always true for rows with a top-k); ``cut_tied [B]``:
+        unordered rows where a candidate outside the kept set ties the last kept value (the value cut
+        cannot separate them: put those rows in rank order and filter again). Ties anywhere else do not
+        matter: equal values have equal weights, so the rank-order masses do not depend on their order.
     """
     rank = torch.arange(values.shape[1], device=values.device)
     holds = torch.ones_like(ordered)
     if sorted_values is None:
         e = torch.exp(values - values.amax(dim=-1, keepdim=True))
         in_k = torch.where(ordered[:, None], rank < top_k[:, None], values >= kth[:, None])
-        return torch.where(in_k & (e >= min_p[:, None]), e, 0.0), holds
+        return torch.where(in_k & (e >= min_p[:, None]), e, 0.0), holds, torch.zeros_like(ordered)
     row_max = sorted_values[:, :1]
     e = torch.exp(values - row_max)
     es = torch.exp(sorted_values - row_max)
@@ -169,10 +174,11 @@ def filter_candidates(values: Tensor, ordered: Tensor, kth: Tensor, sorted_value
         holds = ~p_only | (mass >= top_p * full_mass)
         mass = torch.where(p_only, full_mass, mass)
     in_p = (cum - ws < top_p[:, None] * mass[:, None]) | (top_p[:, None] >= 1)  # 1.0 = off
-    kept = ((ws > 0) & in_p).sum(dim=-1)
-    threshold = sorted_values.gather(1, (kept - 1)[:, None])
-    keep = torch.where(ordered[:, None], rank < kept[:, None], values >= threshold)
-    return torch.where(keep & (e >= min_p[:, None]), e, 0.0), holds
+    kept = ((ws > 0) & in_p).sum(dim=-1, keepdim=True)
+    around = sorted_values.gather(1, torch.cat([kept - 1, kept.clamp(max=values.shape[1] - 1)], dim=1))
+    cut_tied = ~ordered & (kept[:, 0] < values.shape[1]) & (around[:, 0] == around[:, 1])
+    keep = torch.where(ordered[:, None], rank < kept, values >= around[:, :1])
+    return torch.where(keep & (e >= min_p[:, None]), e, 0.0), holds, cut_tied
 
 
 def top_candidates(x: Tensor, temperature: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -223,22 +229,19 @@ def top_candidates(x: Tensor, temperature: Tensor, count: int) -> tuple[Tensor, 
     return values, indices, ordered, kth
 
 
-def rank_values(values: Tensor, indices: Tensor, ordered: Tensor, vocab: int):
-    """Sort candidate values descending; rows with internal ties are put in exact rank order.
+def rank_order(values: Tensor, indices: Tensor, ordered: Tensor, rows: Tensor, vocab: int):
+    """Put the candidates of ``rows [B]`` (bool) in exact rank order (``z`` descending, lower index first).
 
-    Returns ``sorted_values, values, indices, ordered`` (the last three updated for tied rows).
+    Returns ``values, indices, ordered`` updated for those rows.
     """
-    sorted_values = sort_descending(values)
-    tied = (sorted_values[:, 1:] == sorted_values[:, :-1]).any(dim=-1) & ~ordered
-    if bool(tied.any()):
-        rows = tied.nonzero()[:, 0]
-        key = order_key(values[rows], indices[rows], vocab)
-        perm = torch.sort(key, dim=-1, descending=True).indices
-        values, indices, ordered = values.clone(), indices.clone(), ordered.clone()
-        values[rows] = values[rows].gather(1, perm)
-        indices[rows] = indices[rows].gather(1, perm)
-        ordered[rows] = True
-    return sorted_values, values, indices, ordered
+    rows = rows.nonzero()[:, 0]
+    key = order_key(values[rows], indices[rows], vocab)
+    perm = torch.sort(key, dim=-1, descending=True).indices
+    values, indices, ordered = values.clone(), indices.clone(), ordered.clone()
+    values[rows] = values[rows].gather(1, perm)
+    indices[rows] = indices[rows].gather(1, perm)
+    ordered[rows] = True
+    return values, indices, ordered
 
 
 def sort_descending(values: Tensor) -> Tensor:

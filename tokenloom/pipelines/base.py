@@ -122,6 +122,9 @@ class TokenPipeline(DiffusionPipeline):
             if image_tokenizer.spec != token_generator.spec:
                 raise ValueError(f"image_tokenizer.spec {image_tokenizer.spec} does not match "
                                  f"token_generator.spec {token_generator.spec}")
+        if token_generator is not None and image_tokenizer is not None \
+                and hasattr(token_generator, "bind_tokenizer"):
+            token_generator.bind_tokenizer(image_tokenizer)  # next-scale models read scale inputs through it
         self.register_modules(image_tokenizer=image_tokenizer, token_generator=token_generator,
                               conditioner=conditioner)
         defaults = params_to_dict(params_from_dict(sampling_defaults))  # validates

@@ -334,6 +334,8 @@ def train_from_config(cfg: dict, output_dir: str | None = None, progress: bool =
     gen_cfg = dict(cfg["generator"])
     torch.manual_seed(config.seed)
     generator = generators.build(gen_cfg.pop("name"), token_spec=tokenizer.spec.to_dict(), **gen_cfg)
+    if hasattr(generator, "bind_tokenizer"):
+        generator.bind_tokenizer(tokenizer)
     data_cfg = dict(cfg["data"])
     data = pretokenize(tokenizer, build_dataset(data_cfg.pop("name"), **data_cfg),
                        condition=generator.condition_kind, progress=progress)

@@ -67,6 +67,8 @@ def train_text_to_image(cfg: dict, output_dir: str, progress: bool = True):
     generator = generators.build(gen_cfg.pop("name"), token_spec=tokenizer.spec.to_dict(), condition="text",
                                  cond_dim=conditioner.feature_dim, cond_len=conditioner.config.context_length,
                                  **gen_cfg)
+    if hasattr(generator, "bind_tokenizer"):
+        generator.bind_tokenizer(tokenizer)
     data = pretokenize(tokenizer, dataset, condition="text", progress=progress,
                        text_encoder=lambda caps: (conditioner.tokenize(caps), None))
     result = train_generator(generator, data, config, conditioner=conditioner)

@@ -191,7 +191,9 @@ def train_tokenizer(model: torch.nn.Module, dataset: Dataset, config: TrainConfi
     optimizer = _adamw(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The scheduler is not prepared: accelerate would step it once per process, and our schedule counts
+    # optimiser steps.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
 
     history: list[dict] = []
