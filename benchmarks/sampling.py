@@ -3,7 +3,8 @@
 Run: ``python -m benchmarks.sampling --json out.json [--plot out.png]``.
 
 Workloads (all with a guidance pair, scale 1.5, temperature 1.0, top_k 900, top_p 0.96): the main one,
-32 rows × V = 16,384; V = 4,096 and 65,536 (32 rows); a single row (V = 16,384). Methods:
+32 rows × V = 16,384; V = 4,096 and 65,536 (32 rows); a single row (V = 16,384); and the main shape with
+top-p alone (top_k 0: no top-k to bound the candidates). Methods:
 
 * ``hf_warpers`` (a): Hugging Face transformers' logits processors as ``generate`` chains them —
   ``ClassifierFreeGuidanceLogitsProcessor`` (log-softmax both, mix), ``TemperatureLogitsWarper``,
@@ -37,19 +38,23 @@ from tokenloom import kernels
 from tokenloom.config import SamplingParams
 
 SCALE, TEMPERATURE, TOP_K, TOP_P = 1.5, 1.0, 900, 0.96
-WORKLOADS = {"main": (32, 16_384), "V=4096": (32, 4_096), "V=65536": (32, 65_536), "single row": (1, 16_384)}
+WORKLOADS = {  # name: (rows, vocab, top_k)
+    "main": (32, 16_384, TOP_K), "V=4096": (32, 4_096, TOP_K), "V=65536": (32, 65_536, TOP_K),
+    "single row": (1, 16_384, TOP_K), "top-p only": (32, 16_384, 0),
+}
 
 
 # ---- (a) transformers' processors, re-implemented op for op ----
 
-def hf_warpers(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def hf_warpers(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator, top_k: int) -> torch.Tensor:
     scores = F.log_softmax(torch.cat([cond, uncond]), dim=-1)  # ClassifierFreeGuidanceLogitsProcessor
     c, u = scores.split(cond.shape[0], dim=0)
     scores = u + (c - u) * SCALE
     scores = scores / TEMPERATURE  # TemperatureLogitsWarper
-    top_k = min(max(TOP_K, 1), scores.size(-1))  # TopKLogitsWarper
-    remove = scores < torch.topk(scores, top_k)[0][..., -1, None]
-    scores = scores.masked_fill(remove, -float("inf"))
+    if top_k > 0:  # TopKLogitsWarper (generate() adds it only for top_k > 0)
+        top_k = min(top_k, scores.size(-1))
+        remove = scores < torch.topk(scores, top_k)[0][..., -1, None]
+        scores = scores.masked_fill(remove, -float("inf"))
     sorted_logits, sorted_indices = torch.sort(scores, descending=False)  # TopPLogitsWarper
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     sorted_remove = cumulative <= (1 - TOP_P)
@@ -62,11 +67,12 @@ def hf_warpers(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Genera
 
 # ---- (b) the reference repositories' sort-based filter ----
 
-def sort_filter(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sort_filter(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator, top_k: int) -> torch.Tensor:
     logits = uncond + (cond - uncond) * SCALE
     logits = logits / max(TEMPERATURE, 1e-5)
-    kth = torch.topk(logits, TOP_K)[0][..., -1, None]
-    logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_k > 0:
+        kth = torch.topk(logits, top_k)[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
     sorted_logits, sorted_indices = torch.sort(logits, descending=True)
     cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
     sorted_remove = cumulative > TOP_P
@@ -78,14 +84,13 @@ def sort_filter(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Gener
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
-def amax_floor(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def amax_floor(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator, top_k: int) -> torch.Tensor:
     return cond.amax(dim=-1)
 
 
 def ours(backend: str):
-    params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, guidance_scale=SCALE)
-
-    def run(cond, uncond, generator):
+    def run(cond, uncond, generator, top_k):
+        params = SamplingParams(temperature=TEMPERATURE, top_k=top_k, top_p=TOP_P, guidance_scale=SCALE)
         return kernels.sample(cond, params, generator, uncond_logits=uncond, backend=backend)
 
     return run
@@ -101,19 +106,19 @@ METHODS = {
 }
 
 
-def measure(rows: int, vocab: int, methods: dict, repeats: int, seed: int = 0,
+def measure(rows: int, vocab: int, top_k: int, methods: dict, repeats: int, seed: int = 0,
             clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each method on one workload (methods interleaved per repeat)."""
     g = torch.Generator().manual_seed(seed)
     cond, uncond = torch.randn(rows, vocab, generator=g) * 4, torch.randn(rows, vocab, generator=g) * 4
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for name, fn in methods.items():  # warm-up (and compile)
-        fn(cond, uncond, torch.Generator().manual_seed(0))
+    for fn in methods.values():  # warm-up (and compile)
+        fn(cond, uncond, torch.Generator().manual_seed(0), top_k)
     for r in range(repeats):
         for name, fn in methods.items():
             gen = torch.Generator().manual_seed(r)
             start = clock()
-            fn(cond, uncond, gen)
+            fn(cond, uncond, gen, top_k)
             times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -138,12 +143,13 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         cond, uncond = torch.randn(32, 16_384, generator=g), torch.randn(32, 16_384, generator=g)
         start = time.perf_counter()
-        methods["torch_compiled"](cond, uncond, g)
+        methods["torch_compiled"](cond, uncond, g, TOP_K)
+        methods["torch_compiled"](cond, uncond, g, 0)
         compile_seconds = time.perf_counter() - start
     load_before = os.getloadavg()
     results = {}
-    for name, (rows, vocab) in WORKLOADS.items():
-        med = measure(rows, vocab, methods, args.repeats,
+    for name, (rows, vocab, top_k) in WORKLOADS.items():
+        med = measure(rows, vocab, top_k, methods, args.repeats,
                       clock=time.perf_counter if args.clock == "wall" else time.process_time)
         floor, ours_t = med["amax_floor"], med["torch"]
         ratios = {"torch vs hf_warpers (speedup)": med["hf_warpers"] / ours_t,
@@ -153,15 +159,16 @@ def main(argv=None):
             ratios["torch_compiled vs hf_warpers (speedup)"] = med["hf_warpers"] / med["torch_compiled"]
             ratios["torch_compiled vs sort_filter (speedup)"] = med["sort_filter"] / med["torch_compiled"]
             ratios["torch_compiled / amax_floor"] = med["torch_compiled"] / floor
-        results[name] = {"rows": rows, "vocab": vocab, "median_us": {k: v * 1e6 for k, v in med.items()},
+        results[name] = {"rows": rows, "vocab": vocab, "top_k": top_k,
+                         "median_us": {k: v * 1e6 for k, v in med.items()},
                          "ratios": ratios}
-        print(f"\n{name}: {rows} rows × V={vocab}")
+        print(f"\n{name}: {rows} rows × V={vocab}, top_k {top_k}")
         for k, v in med.items():
             print(f"  {k:16s} {v * 1e6:11.1f} us")
         for k, v in ratios.items():
             print(f"  {k:42s} {v:8.2f}")
     out = {
-        "workload": {"guidance_scale": SCALE, "temperature": TEMPERATURE, "top_k": TOP_K, "top_p": TOP_P},
+        "workload": {"guidance_scale": SCALE, "temperature": TEMPERATURE, "top_p": TOP_P},
         "threads": args.threads, "repeats": args.repeats, "clock": args.clock, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "compile_seconds": compile_seconds, "results": results,

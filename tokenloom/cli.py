@@ -71,6 +71,8 @@ def _convert_llamagen(args):
 
     gpt_args = args.gpt_config if args.gpt_config is not None else args.preset
     if args.gpt_config is not None and args.preset is not None:
+        if args.preset not in LLAMAGEN_GPT_PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(LLAMAGEN_GPT_PRESETS)}, got {args.preset!r}")
         gpt_args = {**LLAMAGEN_GPT_PRESETS[args.preset], **_gpt_model_args(args.gpt_config)}
     return llamagen_pipeline(args.vq, args.gpt, vq_args=args.vq_config or args.vq_preset, gpt_args=gpt_args,
                              image_size=args.image_size, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
@@ -99,6 +101,21 @@ def _convert_mar(args):
                         num_iter=args.num_iter, temperature=args.temperature, cfg_schedule=args.cfg_schedule)
 
 
+def _check_torch_file(path: str, option: str) -> None:
+    """``torch.save`` writes a zip archive (or, legacy, a pickle starting with its protocol byte 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if not (zipfile.is_zipfile(path) or head == b"\x80"):
+        raise ConvertError(f"--{option}: {path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                           f"legacy pickle)")
+
+
+def _inputs(args, names) -> str:
+    return ", ".join(f"--{n.replace('_', '-')} {getattr(args, n)}" for n in names if getattr(args, n) is not None)
+
+
 def cmd_convert(args) -> int:
     """Check the inputs exist, convert, save the pipeline folder and print its path."""
     checkpoints, configs = CONVERTERS[args.converter]
@@ -106,15 +123,18 @@ def cmd_convert(args) -> int:
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
             raise ConvertError(f"--{name.replace('_', '-')}: no such file: {path}")
+    for name in checkpoints:
+        _check_torch_file(getattr(args, name), name)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ConvertError(f"--out {out} exists and is not an empty folder (pass --overwrite to replace its files)")
     try:
         pipe = {"llamagen": _convert_llamagen, "var": _convert_var, "mar": _convert_mar}[args.converter](args)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as err:  # torch.load on a file that is no checkpoint
-        files = ", ".join(str(getattr(args, n)) for n in checkpoints)
-        raise ConvertError(f"cannot read the checkpoints ({files}) as {args.converter} checkpoints: "
+        raise ConvertError(f"cannot read {_inputs(args, checkpoints)} as {args.converter} checkpoints: "
                            f"{type(err).__name__}: {err}") from err
+    except (ValueError, TypeError) as err:
+        raise ConvertError(f"{err}\n  (inputs: {_inputs(args, checkpoints + configs)})") from err
     if args.converter != "var":  # write_var_pipeline saves itself
         pipe.save_pretrained(str(out))
     print(out)
@@ -132,29 +152,25 @@ def _add_convert(sub) -> None:
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
         p.set_defaults(func=cmd_convert)
 
-    from tokenloom.interop.llamagen import LLAMAGEN_GPT_PRESETS, LLAMAGEN_SAMPLING_DEFAULTS, LLAMAGEN_VQ_PRESETS
-
-    d = LLAMAGEN_SAMPLING_DEFAULTS
+    # Preset names and defaults are checked by the converters, so building the parser imports no model code.
     lg = kinds.add_parser("llamagen", help="LlamaGen VQ tokenizer + class-conditional GPT",
                           description="LlamaGen (vq_ds16_c2i.pt + c2i_*.pt) → class-to-image pipeline. Sizes come from "
                                       "the checkpoints; n_head and block_size from --gpt-config, --preset or "
                                       "--image-size. Sampling defaults are sample_c2i.py's, translated.")
     lg.add_argument("--vq", required=True, help="LlamaGen VQ checkpoint (e.g. vq_ds16_c2i.pt)")
     lg.add_argument("--gpt", required=True, help="LlamaGen c2i GPT checkpoint (e.g. c2i_B_256.pt)")
-    lg.add_argument("--preset", choices=sorted(LLAMAGEN_GPT_PRESETS), default=None,
-                    help="published GPT size (default: the one matching the checkpoint's dim and depth)")
-    lg.add_argument("--vq-preset", choices=sorted(LLAMAGEN_VQ_PRESETS), default=None, help="published VQ size")
+    lg.add_argument("--preset", default=None, help="published GPT size: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B "
+                    "(default: the one matching the checkpoint's dim and depth)")
+    lg.add_argument("--vq-preset", default=None, help="published VQ size: VQ-16, VQ-8 (cross-checked)")
     lg.add_argument("--vq-config", default=None, help="JSON with the VQ ModelArgs (a 'ModelArgs' section is read)")
     lg.add_argument("--gpt-config", default=None, help="JSON with the GPT ModelArgs (a 'ModelArgs' section is read)")
     lg.add_argument("--image-size", type=int, default=None, help="LlamaGen's --image-size (256 or 384; default 256)")
-    lg.add_argument("--cfg-scale", type=float, default=d["cfg_scale"], help="LlamaGen cfg_scale (<= 1: off)")
-    lg.add_argument("--cfg-interval", type=int, default=d["cfg_interval"], help="LlamaGen cfg_interval (-1: always)")
-    lg.add_argument("--top-k", type=int, default=d["top_k"], help="0: off")
-    lg.add_argument("--top-p", type=float, default=d["top_p"], help="1.0: off")
-    lg.add_argument("--temperature", type=float, default=d["temperature"])
+    lg.add_argument("--cfg-scale", type=float, default=4.0, help="LlamaGen cfg_scale (<= 1: off; default 4.0)")
+    lg.add_argument("--cfg-interval", type=int, default=-1, help="LlamaGen cfg_interval (-1: always)")
+    lg.add_argument("--top-k", type=int, default=2000, help="0: off (default 2000)")
+    lg.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    lg.add_argument("--temperature", type=float, default=1.0)
     common(lg)
-
-    from tokenloom.interop.var import VAR_PRESETS
 
     va = kinds.add_parser("var", help="VAR multi-scale VQVAE + VAR transformer",
                           description="VAR (vae_ch160v4096z32.pth + var_d*.pth) → class-to-image pipeline. Sizes come "
@@ -162,7 +178,8 @@ def _add_convert(sub) -> None:
                                       "VQVAE). Sampling defaults are VAR's evaluation settings, translated.")
     va.add_argument("--vae", required=True, help="VAR VQVAE checkpoint (raw state_dict .pth)")
     va.add_argument("--var", required=True, help="VAR transformer checkpoint (raw state_dict .pth)")
-    va.add_argument("--preset", choices=sorted(VAR_PRESETS), default=None, help="published VAR size (cross-checked)")
+    va.add_argument("--preset", default=None, help="published VAR size d16, d20, d24, d30 (cross-checked; "
+                    "used when no --var-config)")
     va.add_argument("--vae-config", default=None, help="JSON with VQVAE arguments ('VQVAE', 'ddconfig_overrides')")
     va.add_argument("--var-config", default=None, help="JSON with VAR arguments (a 'VAR' section is read)")
     va.add_argument("--cfg", type=float, default=1.5, help="VAR cfg (ramped linearly over the scales)")
@@ -170,15 +187,14 @@ def _add_convert(sub) -> None:
     va.add_argument("--top-p", type=float, default=0.96, help="0: off (VAR's convention)")
     common(va)
 
-    from tokenloom.interop.mar import MAR_PRESETS
-
     ma = kinds.add_parser("mar", help="MAR KL VAE + MAR transformer with diffusion head",
                           description="MAR (kl16.ckpt + checkpoint-last.pth, model_ema) → class-to-image pipeline. "
                                       "Sizes come from the checkpoints; heads and patch size from --mar-config, "
                                       "--preset, the checkpoint's saved args or the matching published size.")
     ma.add_argument("--vae", required=True, help="MAR KL VAE checkpoint ({'model': state_dict})")
     ma.add_argument("--mar", required=True, help="MAR checkpoint (checkpoint-last.pth)")
-    ma.add_argument("--preset", choices=sorted(MAR_PRESETS), default=None, help="published MAR size")
+    ma.add_argument("--preset", default=None, help="published MAR size mar_base, mar_large, mar_huge (used when "
+                    "no --mar-config)")
     ma.add_argument("--vae-config", default=None, help="JSON with AutoencoderKL arguments")
     ma.add_argument("--mar-config", default=None, help="JSON with MAR arguments (a 'MAR' section is read)")
     ma.add_argument("--cfg", type=float, default=1.0, help="MAR cfg (1: off)")

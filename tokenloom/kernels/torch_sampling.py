@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from tokenloom.config import SamplingParams
-from tokenloom.kernels.reference import guided_logits, row_params
+from tokenloom.kernels.reference import guided_logits
 
 DRAW_BLOCK = 64  # indices per block of the two-level index-order draw
 TOP_P_GUESS = 1024  # first candidate count for rows with top-p but no top-k
@@ -54,24 +54,56 @@ def sample_torch(
 ) -> Tensor:
     """Draw one index per row of ``logits: [B, V]`` given ``uniforms: [B]`` float64 → ``[B]`` long.
 
-    Inputs are assumed checked (:func:`tokenloom.kernels.checks.check_sample_inputs`).
+    Inputs are assumed checked (:func:`tokenloom.kernels.checks.check_sample_inputs`). Scalar params stay
+    Python numbers (a step that is off costs nothing); per-row params are ``[B]`` tensors.
     """
     b, v = logits.shape
-    temperature, top_k, top_p, min_p = row_params(params, b, logits.device)
+    device = logits.device
+    temperature, top_k, top_p, min_p = (
+        _row_param(params.temperature, device, torch.float32), _row_param(params.top_k, device, torch.long),
+        _row_param(params.top_p, device, torch.float32), _row_param(params.min_p, device, torch.float32))
+    x = _guided(logits, uncond_logits, params.guidance_scale)
     greedy = temperature == 0
     ranked = (top_k > 0) | (top_p < 1)
-    x = _guided(logits, uncond_logits, params.guidance_scale)
-    tokens = torch.empty(b, dtype=torch.long, device=logits.device)
+    if not isinstance(greedy, Tensor) and not isinstance(ranked, Tensor):  # one group of rows
+        if greedy:
+            return x.argmax(dim=-1)
+        return (_sample_ranked if ranked else _sample_dense)(x, temperature, top_k, top_p, min_p, uniforms, compile)
+    greedy, ranked = torch.as_tensor(greedy, device=device).expand(b), torch.as_tensor(ranked, device=device).expand(b)
+    tokens = torch.empty(b, dtype=torch.long, device=device)
     for rows, fn in ((ranked & ~greedy, _sample_ranked), (~ranked & ~greedy, _sample_dense)):
         if bool(rows.all()):
             return fn(x, temperature, top_k, top_p, min_p, uniforms, compile)
         if bool(rows.any()):
             idx = rows.nonzero()[:, 0]
-            tokens[idx] = fn(x[idx], temperature[idx], top_k[idx], top_p[idx], min_p[idx], uniforms[idx], compile)
+            tokens[idx] = fn(x[idx], *(_rows(p, idx) for p in (temperature, top_k, top_p, min_p)), uniforms[idx],
+                             compile)
     if bool(greedy.any()):
         idx = greedy.nonzero()[:, 0]
         tokens[idx] = x[idx].argmax(dim=-1)
     return tokens
+
+
+def _row_param(value, device, dtype):
+    """A per-row tensor parameter on ``device``, or a Python number as it is."""
+    return value.to(device=device, dtype=dtype) if isinstance(value, Tensor) else value
+
+
+def _rows(value, idx: Tensor):
+    return value[idx] if isinstance(value, Tensor) else value
+
+
+def _col(value):
+    """``[B, 1]`` for broadcasting against ``[B, N]``; Python numbers broadcast as they are."""
+    return value[:, None] if isinstance(value, Tensor) else value
+
+
+def _any(condition) -> bool:
+    return bool(condition.any()) if isinstance(condition, Tensor) else bool(condition)
+
+
+def _all(condition) -> bool:
+    return bool(condition.all()) if isinstance(condition, Tensor) else bool(condition)
 
 
 _LOCAL = threading.local()
@@ -96,35 +128,34 @@ def _guided(logits: Tensor, uncond_logits: Tensor | None, scale: float) -> Tenso
     return torch.add(uncond_logits, x, alpha=scale, out=x)
 
 
-def _tempered(x: Tensor, temperature: Tensor) -> Tensor:
+def _tempered(x: Tensor, temperature) -> Tensor:
     """``z = x / T`` (``T > 0`` here); no pass over ``x`` when every T is 1."""
-    return x if bool((temperature == 1).all()) else x / temperature[:, None]
+    return x if _all(temperature == 1) else x / _col(temperature)
 
 
-def _sample_dense(x: Tensor, temperature: Tensor, top_k, top_p, min_p: Tensor, uniforms: Tensor,
-                  compile: bool) -> Tensor:
+def _sample_dense(x: Tensor, temperature, top_k, top_p, min_p, uniforms: Tensor, compile: bool) -> Tensor:
     """Rows without top-k/top-p: weights ``exp(z − max)`` (min-p applied) and the two-level draw."""
     z = _tempered(x, temperature)
     e = torch.exp(z - z.amax(dim=-1, keepdim=True))
-    if bool((min_p > 0).any()):
-        e = torch.where(e >= min_p[:, None], e, 0.0)
+    if _any(min_p > 0):
+        e = torch.where(e >= _col(min_p), e, 0.0)
     return draw_dense(e, uniforms)
 
 
-def _sample_ranked(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
-                   uniforms: Tensor, compile: bool) -> Tensor:
+def _sample_ranked(x: Tensor, temperature, top_k, top_p, min_p, uniforms: Tensor, compile: bool) -> Tensor:
     """Rows with top-k and/or top-p: work on the best-ranked candidates only."""
     b, v = x.shape
-    p_only = top_k == 0
     full_mass = None
-    if bool(p_only.any()):
+    if _any(top_k == 0):
         # Top-p without top-k needs the mass of every min-p survivor: one exp pass (float64 sum).
         z = _tempered(x, temperature)
         e = torch.exp(z - z.amax(dim=-1, keepdim=True))
-        full_mass = torch.where(e >= min_p[:, None], e, 0.0).sum(dim=-1, dtype=torch.float64).float()
-    kmax = int(top_k.max())
+        if _any(min_p > 0):
+            e = torch.where(e >= _col(min_p), e, 0.0)
+        full_mass = e.sum(dim=-1, dtype=torch.float64).float()
+    kmax = int(top_k.max()) if isinstance(top_k, Tensor) else top_k
     count = kmax if full_mass is None else min(v, max(kmax, TOP_P_GUESS))
-    shared_k = full_mass is None and bool((top_k == kmax).all()) and not bool((top_p < 1).any())
+    shared_k = full_mass is None and _all(top_k == kmax) and not _any(top_p < 1)
     filter_fn = _filter_compiled() if compile else filter_candidates
     while True:
         values, indices, ordered, kth = top_candidates(x, temperature, count)
@@ -138,8 +169,8 @@ def _sample_ranked(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
         count = min(v, count * GROWTH)
 
 
-def filter_candidates(values: Tensor, ordered: Tensor, kth: Tensor, sorted_values: Tensor | None, top_k: Tensor,
-                      top_p: Tensor, min_p: Tensor, full_mass: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def filter_candidates(values: Tensor, ordered: Tensor, kth: Tensor, sorted_values: Tensor | None, top_k, top_p,
+                      min_p, full_mass: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """min-p → top-k → top-p on the candidates of each row.
 
     Args:
@@ -147,7 +178,8 @@ def filter_candidates(values: Tensor, ordered: Tensor, kth: Tensor, sorted_value
         kth: ``[B]`` the value at rank ``C − 2`` (used when ``sorted_values`` is None: every row's top-k
             is ``C − 1``, and the extra candidate only marks the boundary).
         sorted_values: ``[B, C]`` the values sorted descending, or None (one shared k, no top-p).
-        top_k: ``[B]`` (0 = off: top-p alone, then ``full_mass`` is needed); top_p, min_p: ``[B]``.
+        top_k, top_p, min_p: ``[B]`` tensors or Python numbers; top_k 0 = off (top-p alone, then
+            ``full_mass`` is needed).
         full_mass: ``[B]`` mass of the min-p survivors over the whole row (rows with top_k 0), or None.
 
     Returns:
@@ -161,27 +193,39 @@ def filter_candidates(values: Tensor, ordered: Tensor, kth: Tensor, sorted_value
     holds = torch.ones_like(ordered)
     if sorted_values is None:
         e = torch.exp(values - values.amax(dim=-1, keepdim=True))
-        in_k = torch.where(ordered[:, None], rank < top_k[:, None], values >= kth[:, None])
-        return torch.where(in_k & (e >= min_p[:, None]), e, 0.0), holds, torch.zeros_like(ordered)
+        keep = torch.where(ordered[:, None], rank < _col(top_k), values >= kth[:, None])
+        if _any(min_p > 0):
+            keep &= e >= _col(min_p)
+        return torch.where(keep, e, 0.0), holds, torch.zeros_like(ordered)
     row_max = sorted_values[:, :1]
     e = torch.exp(values - row_max)
     es = torch.exp(sorted_values - row_max)
     p_only = top_k == 0
-    ws = torch.where((es >= min_p[:, None]) & ((rank < top_k[:, None]) | p_only[:, None]), es, 0.0)
+    in_k = (rank < _col(top_k)) | _col(p_only)
+    if _any(min_p > 0):
+        in_k = in_k & (es >= _col(min_p))
+    ws = torch.where(in_k, es, 0.0)
     cum = torch.cumsum(ws, dim=-1)
     mass = cum[:, -1]
     if full_mass is not None:
-        holds = ~p_only | (mass >= top_p * full_mass)
-        mass = torch.where(p_only, full_mass, mass)
-    in_p = (cum - ws < top_p[:, None] * mass[:, None]) | (top_p[:, None] >= 1)  # 1.0 = off
+        holds = mass >= top_p * full_mass
+        if isinstance(p_only, Tensor):
+            holds, mass = holds | ~p_only, torch.where(p_only, full_mass, mass)
+        else:  # every row is top-p alone
+            mass = full_mass
+    in_p = cum - ws < _col(top_p) * mass[:, None]
+    if _any(top_p >= 1):  # 1.0 = off
+        in_p = in_p | _col(top_p >= 1)
     kept = ((ws > 0) & in_p).sum(dim=-1, keepdim=True)
     around = sorted_values.gather(1, torch.cat([kept - 1, kept.clamp(max=values.shape[1] - 1)], dim=1))
     cut_tied = ~ordered & (kept[:, 0] < values.shape[1]) & (around[:, 0] == around[:, 1])
     keep = torch.where(ordered[:, None], rank < kept, values >= around[:, :1])
-    return torch.where(keep & (e >= min_p[:, None]), e, 0.0), holds, cut_tied
+    if _any(min_p > 0):
+        keep &= e >= _col(min_p)
+    return torch.where(keep, e, 0.0), holds, cut_tied
 
 
-def top_candidates(x: Tensor, temperature: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def top_candidates(x: Tensor, temperature, count: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``count + 1`` best-ranked tokens of each row (an exact set, ties broken by lower index).
 
     Selection runs on the guided logits ``x: [B, V]`` and only the candidates are divided by the
@@ -193,7 +237,7 @@ def top_candidates(x: Tensor, temperature: Tensor, count: int) -> tuple[Tensor, 
     ``count − 1``.
     """
     b, v = x.shape
-    unit = bool((temperature == 1).all())
+    unit = _all(temperature == 1)
     if count + 1 >= v:
         z = _tempered(x, temperature)
         values, indices = torch.sort(z, dim=-1, descending=True, stable=True)
@@ -212,14 +256,14 @@ def top_candidates(x: Tensor, temperature: Tensor, count: int) -> tuple[Tensor, 
     else:
         values, indices = torch.topk(x, take, dim=-1, sorted=False)
     if not unit:
-        values = values / temperature[:, None]
+        values = values / _col(temperature)
     lowest2 = torch.topk(values, 2, dim=-1, largest=False).values
     kth = lowest2[:, 1]
     tied = lowest2[:, 0] == kth
     ordered = torch.zeros(b, dtype=torch.bool, device=x.device)
     if bool(tied.any()):
         rows = tied.nonzero()[:, 0]
-        z = _tempered(x[rows], temperature[rows])
+        z = _tempered(x[rows], _rows(temperature, rows))
         exact = torch.topk(order_key(z), take, dim=-1).indices
         values, indices, kth = values.clone(), indices.clone(), kth.clone()
         indices[rows] = exact

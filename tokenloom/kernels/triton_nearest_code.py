@@ -42,8 +42,8 @@ def _nearest_code_kernel(
         col_ok = cols < K
         dot = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for d in tl.static_range(D):
-            z_d = tl.load(z_ptr + rows * D + d, mask=row_ok, other=0.0)
-            e_d = tl.load(e_ptr + cols * D + d, mask=col_ok, other=0.0)
+            z_d = tl.load(z_ptr + rows.to(tl.int64) * D + d, mask=row_ok, other=0.0)
+            e_d = tl.load(e_ptr + cols.to(tl.int64) * D + d, mask=col_ok, other=0.0)
             dot = dot + z_d[:, None] * e_d[None, :]
         norms = tl.load(norms_ptr + cols, mask=col_ok, other=0.0)
         scores = norms[None, :] - 2.0 * dot

@@ -78,7 +78,8 @@ def _in_cut(key, cols, tau, cut):
 def _sample_kernel(
     cond_ptr, uncond_ptr, z_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, out_ptr,
     n_rows, vocab, scale,
-    HAS_UNCOND: tl.constexpr, EXACT_FMA: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+    HAS_UNCOND: tl.constexpr, EXACT_FMA: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr,
     DO_TOPK: tl.constexpr, DO_TOPP: tl.constexpr, DO_MINP: tl.constexpr,
 ):
     SINGLE: tl.constexpr = NUM_BLOCKS == 1
