@@ -455,7 +455,7 @@ def test_config_accepts_a_tokenspec_and_sequence_layouts():
 
 
 # ------------------------------------------------------------------ training
-def tiny_data(spec: TokenSpec, n: int = 64):
+def tiny_data(spec: TokenSpec, n: int = 32):
     labels = torch.arange(n) % 5
     pos = torch.arange(L)
     if spec.kind == "index":

@@ -243,8 +243,8 @@ def top_candidates(x: Tensor, temperature, count: int) -> tuple[Tensor, Tensor, 
         values, indices = torch.sort(z, dim=-1, descending=True, stable=True)
         return values, indices, torch.ones(b, dtype=torch.bool, device=x.device), values[:, min(count, v) - 1]
     take = count + 1
-    groups = math.isqrt(v // take)
-    if groups >= 2 and v % groups == 0:
+    groups = math.isqrt(v // take)  # minimises the selected-from count v / g + g · take
+    if groups >= 2 and v % groups == 0 and v // groups + groups * take < 0.7 * v:
         width = v // groups
         columns_x = x.view(b, groups, width)
         column_max = torch.amax(columns_x, dim=1, out=_buffer("column_max", (b, width), x))
