@@ -18,14 +18,17 @@ top-p alone (top_k 0: no top-k to bound the candidates). Methods:
 
 Timing: ``torch.set_num_threads(--threads)`` (default 2); every repeat runs every method once, in turn, so
 load changes on this shared machine hit all of them alike; the reported time is the median over
-``--repeats``, and ratios are taken between medians. The load average before and after is recorded: the
-machine runs other jobs, so absolute times move between runs; ratios move much less.
+``--repeats``, and ratios are taken between medians. Two clocks are recorded for every call: wall time,
+and the process's CPU time (it leaves out time spent waiting for a core, which dominates when other
+jobs keep both cores busy, but counts every thread's work, including OpenMP spinning). The load
+average before and after is recorded: absolute times move between runs; ratios move much less.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -106,21 +109,82 @@ METHODS = {
 }
 
 
-def measure(rows: int, vocab: int, top_k: int, methods: dict, repeats: int, seed: int = 0,
-            clock=time.perf_counter) -> dict[str, float]:
-    """Median seconds per call of each method on one workload (methods interleaved per repeat)."""
+def measure(rows: int, vocab: int, top_k: int, methods: dict, repeats: int,
+            seed: int = 0) -> dict[str, dict[str, float]]:
+    """Median seconds per call of each method on one workload, by wall clock and by process CPU time
+    (methods interleaved within every repeat)."""
     g = torch.Generator().manual_seed(seed)
     cond, uncond = torch.randn(rows, vocab, generator=g) * 4, torch.randn(rows, vocab, generator=g) * 4
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    wall: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     for fn in methods.values():  # warm-up (and compile)
         fn(cond, uncond, torch.Generator().manual_seed(0), top_k)
     for r in range(repeats):
         for name, fn in methods.items():
             gen = torch.Generator().manual_seed(r)
-            start = clock()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn(cond, uncond, gen, top_k)
-            times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    return {clock: {name: statistics.median(t) for name, t in times.items()}
+            for clock, times in (("wall", wall), ("cpu", cpu))}
+
+
+def ratios(med: dict[str, float]) -> dict[str, float]:
+    """Speedups of ours over (a) and (b), and our time over the floor (c)."""
+    out = {}
+    for ours_name in ("torch", "torch_compiled"):
+        if ours_name in med:
+            out[f"{ours_name} vs hf_warpers (speedup, bar >= 5)"] = med["hf_warpers"] / med[ours_name]
+            out[f"{ours_name} vs sort_filter (speedup, bar >= 3)"] = med["sort_filter"] / med[ours_name]
+            out[f"{ours_name} / amax_floor (bar <= 3)"] = med[ours_name] / med["amax_floor"]
+    return out
+
+
+def stage_breakdown(rows: int, vocab: int, repeats: int) -> dict[str, float]:
+    """Median µs (wall) of each stage of the fast torch path on one workload, next to the amax floor:
+    where the time goes, for the bar on (c)."""
+    from tokenloom.kernels import torch_sampling as ts
+    from tokenloom.kernels.checks import check_sample_inputs
+    from tokenloom.kernels.reference import row_uniforms
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(rows, vocab, generator=g) * 4, torch.randn(rows, vocab, generator=g) * 4
+    params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, guidance_scale=SCALE)
+    uniforms = row_uniforms(g, rows, "cpu")[:, 0]
+    x = ts._guided(cond, uncond, SCALE).clone()
+    groups = math.isqrt(vocab // (TOP_K + 1))
+    columns_x = x.view(rows, groups, vocab // groups)
+    column_max = columns_x.amax(dim=1)
+    columns = torch.topk(column_max, TOP_K + 1, dim=-1, sorted=False).indices
+    members = columns_x.gather(2, columns[:, None, :].expand(rows, groups, TOP_K + 1)).reshape(rows, -1)
+    values, indices, ordered, kth = ts.top_candidates(x, 1.0, TOP_K)
+    sorted_values = ts.sort_descending(values)
+    weights, _, _ = ts.filter_candidates(values, ordered, kth, sorted_values, TOP_K, TOP_P, 0.0, None)
+    stages = {
+        "amax_floor": lambda: cond.amax(dim=-1),
+        "input checks (finite sums)": lambda: check_sample_inputs(cond, params, uncond, g),
+        "guidance (sub + fused add)": lambda: ts._guided(cond, uncond, SCALE),
+        "column maxima": lambda: columns_x.amax(dim=1),
+        "topk over column maxima": lambda: torch.topk(column_max, TOP_K + 1, dim=-1, sorted=False),
+        "gather members": lambda: columns_x.gather(2, columns[:, None, :].expand(rows, groups, TOP_K + 1)),
+        "topk over members": lambda: torch.topk(members, TOP_K + 1, dim=-1, sorted=False),
+        "top_candidates (all of the above selection)": lambda: ts.top_candidates(x, 1.0, TOP_K),
+        "sort candidate values": lambda: ts.sort_descending(values),
+        "filter (min-p, top-k, top-p)": lambda: ts.filter_candidates(values, ordered, kth, sorted_values, TOP_K,
+                                                                     TOP_P, 0.0, None),
+        "draw (two-level inverse CDF)": lambda: ts.draw_candidates(indices, weights, uniforms, vocab),
+        "whole torch path": lambda: ours("torch")(cond, uncond, torch.Generator().manual_seed(0), TOP_K),
+    }
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    for fn in stages.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in stages.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
 def main(argv=None):
@@ -130,9 +194,6 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall: perf_counter; cpu: process CPU time (steadier on a busy machine: it leaves "
-                             "out time spent waiting for a core, but counts every thread's time)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = dict(METHODS)
@@ -146,30 +207,28 @@ def main(argv=None):
         methods["torch_compiled"](cond, uncond, g, TOP_K)
         methods["torch_compiled"](cond, uncond, g, 0)
         compile_seconds = time.perf_counter() - start
+        print(f"torch.compile warm-up: {compile_seconds:.1f} s (not timed below)")
     load_before = os.getloadavg()
     results = {}
     for name, (rows, vocab, top_k) in WORKLOADS.items():
-        med = measure(rows, vocab, top_k, methods, args.repeats,
-                      clock=time.perf_counter if args.clock == "wall" else time.process_time)
-        floor, ours_t = med["amax_floor"], med["torch"]
-        ratios = {"torch vs hf_warpers (speedup)": med["hf_warpers"] / ours_t,
-                  "torch vs sort_filter (speedup)": med["sort_filter"] / ours_t,
-                  "torch / amax_floor": ours_t / floor}
-        if "torch_compiled" in med:
-            ratios["torch_compiled vs hf_warpers (speedup)"] = med["hf_warpers"] / med["torch_compiled"]
-            ratios["torch_compiled vs sort_filter (speedup)"] = med["sort_filter"] / med["torch_compiled"]
-            ratios["torch_compiled / amax_floor"] = med["torch_compiled"] / floor
+        med = measure(rows, vocab, top_k, methods, args.repeats)
         results[name] = {"rows": rows, "vocab": vocab, "top_k": top_k,
-                         "median_us": {k: v * 1e6 for k, v in med.items()},
-                         "ratios": ratios}
-        print(f"\n{name}: {rows} rows × V={vocab}, top_k {top_k}")
-        for k, v in med.items():
-            print(f"  {k:16s} {v * 1e6:11.1f} us")
-        for k, v in ratios.items():
-            print(f"  {k:42s} {v:8.2f}")
+                         "median_us": {c: {k: v * 1e6 for k, v in m.items()} for c, m in med.items()},
+                         "ratios": {c: ratios(m) for c, m in med.items()}}
+        print(f"\n{name}: {rows} rows × V={vocab}, top_k {top_k}      wall µs      cpu µs")
+        for k in med["wall"]:
+            print(f"  {k:16s} {med['wall'][k] * 1e6:27.1f} {med['cpu'][k] * 1e6:11.1f}")
+        for k in results[name]["ratios"]["wall"]:
+            print(f"  {k:44s} {results[name]['ratios']['wall'][k]:8.2f} {results[name]['ratios']['cpu'][k]:11.2f}")
+    rows, vocab, _ = WORKLOADS["main"]
+    stages = stage_breakdown(rows, vocab, args.repeats * 2)
+    print("\nwhere the fast torch path spends its time (main workload, wall µs, × the amax floor):")
+    for k, v in stages.items():
+        print(f"  {k:46s} {v:9.1f} {v / stages['amax_floor']:7.1f}×")
     out = {
         "workload": {"guidance_scale": SCALE, "temperature": TEMPERATURE, "top_p": TOP_P},
-        "threads": args.threads, "repeats": args.repeats, "clock": args.clock, "torch": torch.__version__,
+        "torch_stages_us": stages,
+        "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "compile_seconds": compile_seconds, "results": results,
     }
@@ -186,17 +245,19 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(next(iter(results.values()))["median_us"])
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    names = list(next(iter(results.values()))["median_us"]["wall"])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True)
     width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ax.bar([j + i * width for j in range(len(results))], [r["median_us"][name] for r in results.values()],
-               width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], list(results))
-    ax.set_yscale("log")
-    ax.set_ylabel("median time per call (µs, log)")
-    ax.set_title(f"sampling step: top_k {TOP_K}, top_p {TOP_P}, guidance {SCALE}")
-    ax.legend(fontsize=8)
+    for ax, clock in zip(axes, ("wall", "cpu")):
+        for i, name in enumerate(names):
+            ax.bar([j + i * width for j in range(len(results))],
+                   [r["median_us"][clock][name] for r in results.values()], width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], list(results), fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(f"{clock} time (median)")
+    axes[0].set_ylabel("µs per call (log)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"sampling step: guidance {SCALE}, temperature {TEMPERATURE}, top_k {TOP_K}, top_p {TOP_P}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from tokenloom.generators.condition import Condition
 from tokenloom.interop.llamagen_gpt import convert_llamagen_gpt, raster_ar_config
 from tokenloom.tokens import Tokens
 
-FIXTURE = Path("/work/shared/fixtures/llamagen/gpt")
+FIXTURE = Path(os.environ["TOKENLOOM_FIXTURES"]) / "llamagen" / "gpt"
 pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="LlamaGen GPT fixture not available")
 
 

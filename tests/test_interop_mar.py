@@ -1,6 +1,6 @@
 """MAR fixtures → tokenloom: MaskedAR + diffusion head and the KL VAE reproduce every recorded output.
 
-Fixture root: ``$TOKENLOOM_FIXTURES`` (default ``/work/shared/fixtures``), folders ``mar/mar`` and ``mar/vae``. Every
+Fixture root: ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``), folders ``mar/mar`` and ``mar/vae``. Every
 size is read from the fixture's checkpoint and config.json, so fixture sets of other sizes run unchanged.
 """
 
@@ -27,7 +27,7 @@ from tokenloom.interop.mar import (
 )
 from tokenloom.tokens import Grid, Tokens
 
-ROOT = Path(os.environ.get("TOKENLOOM_FIXTURES", "/work/shared/fixtures"))
+ROOT = Path(os.environ["TOKENLOOM_FIXTURES"])
 MAR_DIR, VAE_DIR = ROOT / "mar" / "mar", ROOT / "mar" / "vae"
 MAR_CKPT, VAE_CKPT = MAR_DIR / "checkpoint-last.pth", VAE_DIR / "kl_tiny.ckpt"
 needs_fixtures = pytest.mark.skipif(not (MAR_CKPT.exists() and VAE_CKPT.exists()),

@@ -1,6 +1,6 @@
 """Published-checkpoint pipelines: ``tokenloom convert llamagen|var|mar`` on the tiny fixtures, then sampling.
 
-Fixtures are read at run time from ``$TOKENLOOM_FIXTURES`` (default ``/work/shared/fixtures``): ``llamagen/{vq,gpt}``,
+Fixtures are read at run time from ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``): ``llamagen/{vq,gpt}``,
 ``var/{vqvae,var}``, ``mar/{vae,mar}``, each a checkpoint + ``config.json`` (+ ``io.safetensors``). Every size is read
 from the fixture files, so fixture sets of other sizes run unchanged.
 """
@@ -26,7 +26,7 @@ from tokenloom.interop.llamagen import (
 )
 from tokenloom.tokens import Tokens
 
-ROOT = Path(os.environ.get("TOKENLOOM_FIXTURES", "/work/shared/fixtures"))
+ROOT = Path(os.environ["TOKENLOOM_FIXTURES"])
 
 
 def checkpoint_in(folder: Path) -> Path:

@@ -1,6 +1,6 @@
 """VAR transformer checkpoints → NextScaleAR, proven against the fixtures' recorded outputs.
 
-Fixtures are read at run time from ``$TOKENLOOM_FIXTURES`` (default ``/work/shared/fixtures``), directory
+Fixtures are read at run time from ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``), directory
 ``var/var`` (and ``var/vqvae`` for the tokenizer the transformer was fed with); every size comes from the
 checkpoint and its config.json, so fixture sets of other sizes run unchanged. Tolerance (fixtures README §0):
 float32 ``max|got − ref| <= 2e-5 · max(1, max|ref|)``, integers exactly.
@@ -31,7 +31,7 @@ from tokenloom.interop.var import (
 )
 from tokenloom.tokens import Tokens
 
-ROOT = Path(os.environ.get("TOKENLOOM_FIXTURES", "/work/shared/fixtures"))
+ROOT = Path(os.environ["TOKENLOOM_FIXTURES"])
 VAR_DIR, VAE_DIR = ROOT / "var" / "var", ROOT / "var" / "vqvae"
 needs_fixture = pytest.mark.skipif(not (VAR_DIR / "io.safetensors").is_file(), reason=f"no VAR fixture in {VAR_DIR}")
 

@@ -123,8 +123,10 @@ def _random_case(b, v, seed, ties=False):
 @pytest.mark.parametrize("b,v,ties", [(256, 1000, False), (16, 16384, False), (128, 300, True)])
 def test_torch_path_matches_reference_token_for_token(b, v, ties):
     cond, uncond, params = _random_case(b, v, seed=v, ties=ties)
+    # top_k = v // 20 takes the two-level (column maxima) candidate selection; v // 10 the direct one.
     for p in (params, SamplingParams(top_k=v // 10), SamplingParams(top_p=0.8), SamplingParams(min_p=0.1),
-              SamplingParams(top_k=v // 10, top_p=0.9), SamplingParams()):
+              SamplingParams(top_k=v // 10, top_p=0.9), SamplingParams(),
+              SamplingParams(top_k=v // 20, top_p=0.95, temperature=0.8, guidance_scale=1.5)):
         ref = kernels.sample(cond, p, torch.Generator().manual_seed(2), uncond_logits=uncond, backend="reference")
         fast = kernels.sample(cond, p, torch.Generator().manual_seed(2), uncond_logits=uncond, backend="torch")
         assert torch.equal(ref, fast), p
@@ -183,6 +185,15 @@ def test_low_precision_logits():
     assert torch.equal(ref, fast)
 
 
+def test_strided_and_grad_logits():
+    big = torch.randn(8, 20_000, requires_grad=True)
+    cond, uncond = big[:, :16_384], big[:, 1000:17_384]  # non-contiguous views of a leaf with grad
+    params = SamplingParams(top_k=900, top_p=0.9, guidance_scale=1.5)
+    ref = kernels.sample(cond, params, torch.Generator().manual_seed(0), uncond_logits=uncond, backend="reference")
+    fast = kernels.sample(cond, params, torch.Generator().manual_seed(0), uncond_logits=uncond, backend="torch")
+    assert torch.equal(ref, fast)
+
+
 def test_bad_input_is_named():
     x = torch.randn(4, 10)
     ok = SamplingParams()
@@ -214,3 +225,15 @@ def test_bad_input_is_named():
         kernels.sample_bits(torch.full((4, 3), float("nan")), ok)
     with pytest.raises(ValueError, match="SamplingParams.min_p has 2 per-row values but bit_logits has 4"):
         kernels.sample_bits(torch.randn(4, 3), SamplingParams(min_p=torch.zeros(2)))
+
+
+@pytest.mark.slow
+def test_compiled_torch_path_matches_reference():
+    """torch.compile takes ~40 s on first use, hence slow."""
+    for b, v, ties in ((64, 1000, False), (32, 16384, False), (64, 300, True)):
+        cond, uncond, params = _random_case(b, v, seed=v + 2, ties=ties)
+        for p in (params, SamplingParams(top_k=v // 20, top_p=0.95, guidance_scale=1.5)):
+            ref = kernels.sample(cond, p, torch.Generator().manual_seed(4), uncond_logits=uncond, backend="reference")
+            out = kernels.sample(cond, p, torch.Generator().manual_seed(4), uncond_logits=uncond,
+                                 backend="torch-compiled")
+            assert torch.equal(ref, out)

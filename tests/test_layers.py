@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from tokenloom.generators.layers.norms import RMSNorm, make_norm
 from tokenloom.generators.layers.prefix import ClassPrefix, StartPrefix, TextPrefix, cat_prefixes, make_prefix
 from tokenloom.generators.layers.rope import apply_rope, rope_table_1d, rope_table_2d
 
-FIXTURE = Path("/work/shared/fixtures/llamagen/gpt/io.safetensors")
+FIXTURE = Path(os.environ["TOKENLOOM_FIXTURES"]) / "llamagen" / "gpt" / "io.safetensors"
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:

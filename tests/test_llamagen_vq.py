@@ -1,6 +1,7 @@
 """LlamaGen VQ checkpoint → VQTokenizer reproduces the fixture (README §2) within its recommended tolerance."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 from tokenloom.interop.llamagen_vq import convert_llamagen_vq_state_dict, load_llamagen_vq
 from tokenloom.tokens import Tokens
 
-FIXTURE = Path("/work/shared/fixtures/llamagen/vq")
+FIXTURE = Path(os.environ["TOKENLOOM_FIXTURES"]) / "llamagen" / "vq"
 pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="LlamaGen VQ fixture not available")
 
 

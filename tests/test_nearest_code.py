@@ -23,6 +23,7 @@ def _all_backends(z, codebook, block_n=16, block_k=32):
     """Indices from every path, with small blocks so that row and code blocking is exercised."""
     return {
         "torch": nearest_code_torch(z, codebook, block_n=block_n, block_k=block_k),
+        "torch-small-groups": nearest_code_torch(z, codebook, block_n=block_n, block_k=block_k, group=8),
         "torch-default": nearest_code(z, codebook, backend="torch"),
         "triton": nearest_code_triton(z, codebook, block_n=16, block_k=32),
         "auto": nearest_code(z, codebook),

@@ -474,21 +474,30 @@ BSPEC = TokenSpec(kind="bits", bits=5, layout=Grid(3, 4))
 @pytest.mark.parametrize("spec,head,options", [(SPEC, "categorical", {}), (CSPEC, "diffusion", DIFFUSION),
                                                (CSPEC, "flow", {"depth": 1, "mlp_width": 32}), (BSPEC, "bitwise", {})])
 def test_training_loss_goes_down_in_20_steps(spec, head, options):
+    """20 AdamW steps on 32 tiny sequences; the loss is compared on the same orders, noise and timesteps (seeded)."""
     torch.manual_seed(0)
     model = generators.build("random_order_ar", token_spec=spec.to_dict(), width=32, depth=2, num_heads=4,
                              multiple_of=16, num_classes=5, head=head, head_options=options)
     tokens, labels = tiny_data(spec)
+
+    def eval_loss() -> float:
+        model.eval()
+        torch.manual_seed(123)
+        with torch.no_grad():
+            loss = model(tokens, labels, return_logits=False)["loss"].item()
+        model.train()
+        return loss
+
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
+    before = eval_loss()
     for _ in range(20):
         loss = model(tokens, labels, return_logits=False)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < 0.9 * first, losses  # measured ratios: categorical 0.71, diffusion 0.48, flow 0.80, bits 0.74
+    after = eval_loss()
+    # measured after/before: categorical 0.67, diffusion 0.45, flow 0.80, bits 0.67
+    assert after < 0.9 * before, (before, after)
     model.eval()
     with torch.no_grad():
         sample = model.generate(torch.tensor([0, 1]), SamplingParams(num_steps=4), torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ from tokenloom.tokenizers.quantizers.multiscale import (
 )
 from tokenloom.tokens import Tokens
 
-FIXTURES = os.environ.get("TOKENLOOM_FIXTURES", "/work/shared/fixtures")
+FIXTURES = os.environ["TOKENLOOM_FIXTURES"]
 VAR_VQVAE = os.path.join(FIXTURES, "var", "vqvae")
 TINY = dict(image_size=8, ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, norm_groups=4, codebook_size=16,
             codebook_dim=4, scales=[1, 2, 3, 4])

@@ -15,6 +15,8 @@ Bitwise tokens: :func:`sample_bits`. Speculative decoding: :func:`speculative_ac
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -39,6 +41,7 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
+@torch.no_grad()
 def sample(
     logits: Tensor,
     params: SamplingParams,
@@ -68,6 +71,9 @@ def sample(
     if backend == "reference":
         return sample_reference(logits, params, uniforms, uncond_logits)
     if backend == "triton":
+        if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA logits (or TRITON_INTERPRET=1 set before triton is "
+                             f"imported), got logits on {logits.device}")
         from tokenloom.kernels.triton_sampling import sample_triton  # imports triton only when asked
 
         return sample_triton(logits, params, uniforms, uncond_logits)

@@ -30,6 +30,7 @@ from tokenloom.kernels.reference import row_uniforms, sample_reference
 BIT_BACKENDS = ("reference", "torch", "triton")
 
 
+@torch.no_grad()
 def sample_bits(
     bit_logits: Tensor,
     params: SamplingParams,

@@ -30,6 +30,7 @@ from tokenloom.kernels.reference import row_uniforms
 from tokenloom.kernels.torch_sampling import draw_dense
 
 
+@torch.no_grad()
 def speculative_accept(
     draft_tokens: Tensor,
     target_probs: Tensor,

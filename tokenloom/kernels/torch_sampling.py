@@ -21,10 +21,13 @@ sorts the vocabulary, and touches all ``V`` logits only in a few streaming passe
   cumulative sum over the vocabulary. Sums are float64, so the token matches the reference's except when
   two float64 summation orders round across ``U · total`` (probability ~1e-16 per draw).
 
-``compile=True`` runs the elementwise front (guidance, temperature, column maxima) and the per-candidate
-stage through ``torch.compile`` (Inductor fuses each into one C++ loop). It is opt-in and lazy because the
-first call compiles for ~20 s; its guidance may be contracted into an FMA, so tokens can differ from the
-reference's at a float boundary. ``benchmarks/sampling.py`` measures both.
+``compile=True`` runs the per-candidate stages (filter and draw) through ``torch.compile``: Inductor fuses
+their ~50 small ops into a few C++ loops, but ``topk`` and the sorts — where the time goes — stay ATen
+calls, so it gains ~10% at best (``benchmarks/sampling.py``). It is opt-in and lazy: the first call
+compiles for ~40 s here, and scalar params are compiled in as constants (a new value recompiles).
+
+Big temporaries live in per-thread buffers reused across calls: a fresh multi-MB CPU tensor is
+``mmap``-ed and page-faulted on every call, which here costs more than the arithmetic on it.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def sample_torch(
     temperature, top_k, top_p, min_p = (
         _row_param(params.temperature, device, torch.float32), _row_param(params.top_k, device, torch.long),
         _row_param(params.top_p, device, torch.float32), _row_param(params.min_p, device, torch.float32))
-    x = _guided(logits, uncond_logits, params.guidance_scale)
+    x = _guided(logits, uncond_logits, params.guidance_scale).contiguous()
     greedy = temperature == 0
     ranked = (top_k > 0) | (top_p < 1)
     if not isinstance(greedy, Tensor) and not isinstance(ranked, Tensor):  # one group of rows

@@ -94,6 +94,7 @@ class FlexTokEncoder(nn.Module):
         self.patch_embed = nn.Linear(3 * patch_size * patch_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, width))
         self.registers = nn.Parameter(torch.zeros(1, num_tokens, width))
+        self.patch_to_register = nn.Parameter(torch.randn(num_tokens, self.num_patches) / self.num_patches**0.5)
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.proj = nn.Linear(width, code_dim)
@@ -104,7 +105,8 @@ class FlexTokEncoder(nn.Module):
     def forward(self, images: Tensor, num_registers: int | None = None) -> Tensor:
         k = self.registers.shape[1] if num_registers is None else num_registers
         x = self.patch_embed(patchify(images, self.patch_size)) + self.pos_embed
-        x = torch.cat([x, self.registers[:, :k].expand(x.shape[0], -1, -1)], dim=1)
+        registers = self.registers[:, :k] + torch.einsum("kp,bpd->bkd", self.patch_to_register[:k], x)
+        x = torch.cat([x, registers], dim=1)
         s = self.num_patches + k
         bias = self.attn_bias[:s, :s].to(x.dtype)
         for block in self.blocks:
@@ -173,7 +175,7 @@ class FlexTokTokenizer(ImageTokenizer):
         self.token_proj = nn.Linear(len(levels), width)
         self.token_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
         decoder_cls = FlowDecoder if decoder_type == "flow" else RegressionDecoder
-        self.decoder = decoder_cls(self.encoder.num_patches, width, decoder_depth, num_heads, mlp_ratio,
+        self.decoder = decoder_cls(self.encoder.num_patches, num_tokens, width, decoder_depth, num_heads, mlp_ratio,
                                    self.patch_dim)
         self.decoder_type = decoder_type
         self.nested_dropout = nested_dropout

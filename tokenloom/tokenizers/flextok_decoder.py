@@ -42,6 +42,14 @@ def key_mask_bias(key_mask: Tensor | None, num_fixed: int, dtype: torch.dtype) -
     return bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
 
 
+def mix_registers(weight: Tensor, registers: Tensor, key_mask: Tensor | None) -> Tensor:
+    """``weight: [P, N]``, ``registers: [B, K, D]`` → ``[B, P, D]``: each patch's learned linear mixture of the
+    first ``K`` registers, hidden ones (``key_mask`` False) left out."""
+    if key_mask is not None:
+        registers = registers * key_mask[..., None].to(registers.dtype)
+    return torch.einsum("pk,bkd->bpd", weight[:, : registers.shape[1]], registers)
+
+
 def timestep_features(t: Tensor, dim: int = TIME_FEATURES, max_period: float = 10000.0) -> Tensor:
     """``t: [B]`` in ``[0, 1]`` → ``[B, dim]`` sinusoidal features of ``1000·t`` (cosines first, DiT's layout)."""
     half = dim // 2
@@ -83,10 +91,12 @@ class RegressionDecoder(nn.Module):
         patch_dim: pixels per patch (``3·p·p``).
     """
 
-    def __init__(self, num_patches: int, width: int, depth: int, num_heads: int, mlp_ratio: float, patch_dim: int):
+    def __init__(self, num_patches: int, num_registers: int, width: int, depth: int, num_heads: int, mlp_ratio: float,
+                 patch_dim: int):
         super().__init__()
         self.num_patches = num_patches
         self.patch_queries = nn.Parameter(torch.zeros(1, num_patches, width))
+        self.register_to_patch = nn.Parameter(torch.randn(num_patches, num_registers) / num_registers**0.5)
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, patch_dim)
@@ -94,7 +104,8 @@ class RegressionDecoder(nn.Module):
 
     def forward(self, registers: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``registers: [B, K, D]``, ``key_mask: [B, K]`` bool or None → ``[B, P, patch_dim]``."""
-        x = torch.cat([self.patch_queries.expand(registers.shape[0], -1, -1), registers], dim=1)
+        queries = self.patch_queries + mix_registers(self.register_to_patch, registers, key_mask)
+        x = torch.cat([queries, registers], dim=1)
         bias = key_mask_bias(key_mask, self.num_patches, x.dtype)
         for block in self.blocks:
             x = block(x, attn_mask=bias)
@@ -105,11 +116,13 @@ class FlowDecoder(nn.Module):
     """Rectified-flow velocity model: ``(x_t [B, P, patch_dim], t [B], registers [B, K, D])`` → ``v [B, P,
     patch_dim]``. Arguments as :class:`RegressionDecoder`."""
 
-    def __init__(self, num_patches: int, width: int, depth: int, num_heads: int, mlp_ratio: float, patch_dim: int):
+    def __init__(self, num_patches: int, num_registers: int, width: int, depth: int, num_heads: int, mlp_ratio: float,
+                 patch_dim: int):
         super().__init__()
         self.num_patches = num_patches
         self.patch_embed = nn.Linear(patch_dim, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
+        self.register_to_patch = nn.Parameter(torch.randn(num_patches, num_registers) / num_registers**0.5)
         self.time_embed = nn.Sequential(nn.Linear(TIME_FEATURES, width), nn.SiLU(), nn.Linear(width, width))
         self.blocks = nn.ModuleList(AdaLNBlock(width, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -123,7 +136,8 @@ class FlowDecoder(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, registers: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """Velocity ``[B, P, patch_dim]`` at noisy patches ``x_t`` and times ``t: [B]``."""
         c = self.time_embed(timestep_features(t).to(x_t.dtype))
-        x = torch.cat([self.patch_embed(x_t) + self.pos_embed, registers], dim=1)
+        patches = self.patch_embed(x_t) + self.pos_embed + mix_registers(self.register_to_patch, registers, key_mask)
+        x = torch.cat([patches, registers], dim=1)
         bias = key_mask_bias(key_mask, self.num_patches, x.dtype)
         for block in self.blocks:
             x = block(x, c, attn_mask=bias)
