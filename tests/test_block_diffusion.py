@@ -248,6 +248,21 @@ def test_block_size_one_is_ar_sampling_from_a_full_causal_pass(guidance):
     assert len(set(codes.flatten().tolist())) > 3
 
 
+def test_block_size_one_with_full_masking_trains_as_teacher_forced_ar():
+    """K = 1 and mask ratio 1: every noisy token is [MASK] and sees the clean tokens before it, so the ELBO is the AR
+    negative log-likelihood, exactly (no 1/t variance)."""
+    model = make("index", "class", block_size=1, mask_ratio_min=1.0, mask_ratio_max=1.0)
+    tokens, labels = tiny_data("index", 4)
+    codes = tokens.data[..., 0]
+    with torch.no_grad():
+        loss = model(tokens, labels, generator=torch.Generator().manual_seed(0))["loss"]
+        z = model.hidden(model.embed_prefix(Condition(labels=labels)), model.embed(codes[:, :-1]),
+                         model.embed(torch.full_like(codes, model.mask_id)))
+        logits = model.output_head.logits(z.flatten(0, 1))[:, 0]
+    nll = torch.nn.functional.cross_entropy(logits, codes.flatten())
+    assert abs(float(loss) - float(nll)) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------- exact sampling
 @pytest.mark.parametrize("reveal_steps", [2, 1])
 @torch.no_grad()

@@ -101,6 +101,8 @@ class RegressionDecoder(nn.Module):
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, patch_dim)
         nn.init.trunc_normal_(self.patch_queries, std=0.02)
+        nn.init.zeros_(self.head.weight)  # start from a blank image: no random output to unlearn
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, registers: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``registers: [B, K, D]``, ``key_mask: [B, K]`` bool or None → ``[B, P, patch_dim]``."""

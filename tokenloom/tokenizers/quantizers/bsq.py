@@ -22,8 +22,6 @@ class BinarySphericalQuantizer(LookupFreeQuantizer):
     """BSQ over ``bits`` channels (see module docstring); arguments as :class:`LookupFreeQuantizer` without
     ``code_scale`` (fixed to ``1/sqrt(bits)``) and with ``codebook_entropy="factorized"`` by default."""
 
-    spherical = True
-
     def __init__(self, bits: int, entropy_weight: float = 0.1, diversity_gamma: float = 1.0,
                  commit_weight: float = 0.25, inv_temperature: float = 100.0, codebook_entropy: str = "factorized"):
         if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:

@@ -93,22 +93,6 @@ def entropy_terms(x: Tensor, code_scale: float, inv_temperature: float, mode: st
     return per_sample, codebook
 
 
-def _check_common(bits, inv_temperature, entropy_weight, diversity_gamma, commit_weight, codebook_entropy):
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-        raise ValueError(f"bits must be a positive int, got {bits!r}")
-    if not inv_temperature > 0:
-        raise ValueError(f"inv_temperature must be > 0, got {inv_temperature!r}")
-    for name, value in (("entropy_weight", entropy_weight), ("diversity_gamma", diversity_gamma),
-                        ("commit_weight", commit_weight)):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if codebook_entropy not in CODEBOOK_ENTROPY_MODES:
-        raise ValueError(f"codebook_entropy must be one of {CODEBOOK_ENTROPY_MODES}, got {codebook_entropy!r}")
-    if codebook_entropy == "exact" and bits > MAX_EXACT_BITS:
-        raise ValueError(f"codebook_entropy='exact' enumerates 2**bits codes; use 'factorized' for bits > "
-                         f"{MAX_EXACT_BITS}, got bits={bits}")
-
-
 class LookupFreeQuantizer(nn.Module):
     """Sign quantiser over ``bits`` channels with the MAGVIT-v2 entropy penalty; no parameters.
 
@@ -122,12 +106,22 @@ class LookupFreeQuantizer(nn.Module):
         codebook_entropy: ``"exact"`` or ``"factorized"``.
     """
 
-    spherical = False
-
     def __init__(self, bits: int, code_scale: float = 1.0, entropy_weight: float = 0.1, diversity_gamma: float = 1.0,
                  commit_weight: float = 0.25, inv_temperature: float = 100.0, codebook_entropy: str = "exact"):
         super().__init__()
-        _check_common(bits, inv_temperature, entropy_weight, diversity_gamma, commit_weight, codebook_entropy)
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+            raise ValueError(f"bits must be a positive int, got {bits!r}")
+        if not inv_temperature > 0:
+            raise ValueError(f"inv_temperature must be > 0, got {inv_temperature!r}")
+        for name, value in (("entropy_weight", entropy_weight), ("diversity_gamma", diversity_gamma),
+                            ("commit_weight", commit_weight)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if codebook_entropy not in CODEBOOK_ENTROPY_MODES:
+            raise ValueError(f"codebook_entropy must be one of {CODEBOOK_ENTROPY_MODES}, got {codebook_entropy!r}")
+        if codebook_entropy == "exact" and bits > MAX_EXACT_BITS:
+            raise ValueError(f"codebook_entropy='exact' enumerates 2**bits codes; use 'factorized' for bits > "
+                             f"{MAX_EXACT_BITS}, got bits={bits}")
         if not code_scale > 0:
             raise ValueError(f"code_scale must be > 0, got {code_scale!r}")
         self.bits = bits
