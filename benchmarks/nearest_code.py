@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=65536)
     parser.add_argument("--k", type=int, default=16384)
     parser.add_argument("--d", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="0 = torch's default")
     parser.add_argument("--check-rows", type=int, default=4096)
     parser.add_argument("--json", default=None, help="write the results here")
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cdist": args.n * args.k * 4,
             "torch": min(block["block_n"], args.n) * min(block["block_k"], args.k) * 4,
         },
+        "torch_blocks": dict(block),
         "speedup_vs_cdist": median["cdist"] / median["torch"],
         "peak_memory_ratio_vs_cdist": peak["torch"] / max(1, peak["cdist"]),
         "exact_vs_reference_on_first_rows": {"rows": rows, "equal": exact},

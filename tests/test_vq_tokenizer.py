@@ -366,3 +366,13 @@ def test_training_script_runs_a_yaml_recipe(tmp_path):
     assert summary["train_steps"] == 3 and summary["eval"]["num_images"] == 8
     assert {"config.json", "train_log.json", "eval.json"} <= set(os.listdir(out_dir))
     assert VQTokenizer.from_pretrained(out_dir).spec == build("vq", **TINY).spec
+
+
+def test_same_seed_gives_the_same_trained_model():
+    data = torch.utils.data.TensorDataset(_images(16, seed=5))
+    states = []
+    for _ in range(2):
+        model = _tiny(dead_code_threshold=0.1)
+        train_tokenizer(model, data, TrainConfig(max_steps=5, batch_size=4, progress=False, seed=3))
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="outputs/demo", help="folder for the PNGs")
     parser.add_argument("--cache", default=".cache/demo-model", help="where the trained demo model is cached")
-    parser.add_argument("--minutes", type=float, default=9.0, help="training budget when no model exists")
+    parser.add_argument("--minutes", type=float, default=8.0, help="training budget when no model exists")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

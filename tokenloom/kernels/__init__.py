@@ -10,7 +10,8 @@ the same token on every path, up to float rounding at a boundary (documented per
 randomness is one float64 uniform per row (:func:`row_uniforms`), so with a list of generators row
 ``i`` depends only on ``generator[i]``.
 
-Bitwise tokens: :func:`sample_bits`. Speculative decoding: :func:`speculative_accept`.
+Bitwise tokens: :func:`sample_bits`. Speculative decoding: :func:`speculative_accept`. VQ nearest code
+without the ``[N, K]`` distance matrix: :func:`nearest_code`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor
 from tokenloom.config import SamplingParams
 from tokenloom.kernels.bits import sample_bits
 from tokenloom.kernels.checks import check_sample_inputs
+from tokenloom.kernels.nearest_code import nearest_code
 from tokenloom.kernels.reference import filtered_probs, filtered_weights, row_uniforms, sample_reference
 from tokenloom.kernels.speculative import speculative_accept
 from tokenloom.kernels.torch_sampling import sample_torch
@@ -84,6 +86,7 @@ __all__ = [
     "BACKENDS",
     "filtered_probs",
     "filtered_weights",
+    "nearest_code",
     "row_uniforms",
     "sample",
     "sample_bits",
