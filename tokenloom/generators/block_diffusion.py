@@ -98,7 +98,9 @@ class BlockDiffusion(TokenGenerator):
             token per step —, the head's ``num_sampling_steps`` for continuous ones).
         reveal: masked blocks: ``"random"`` (MDLM) or ``"confidence"`` (MaskGIT, with ``remask_temperature``).
         mask_ratio_min, mask_ratio_max: masked training ratios ``t ~ U[min, max]`` per block (BD3-LM's clipped
-            schedule; the defaults are MDLM's ``[1e-3, 1]``).
+            schedule; the defaults are MDLM's ``[1e-3, 1]``). Clipping lowers the variance of the 1/t-weighted loss:
+            measured on digits (block 4, 400 steps) 0.65 classifier accuracy with ``[0.3, 0.8]`` vs 0.43 with the
+            defaults. With ``block_size = 1``, ``[1, 1]`` makes the loss exactly the AR negative log-likelihood.
         loss_weighting: masked loss ``"elbo"`` (cross entropy ``· 1/t``, per token: MDLM/BD3-LM's NELBO) or ``"mean"``
             (plain mean over masked tokens).
         initializer_range: std of the normal init of the backbone's Linear/Embedding weights (a categorical head

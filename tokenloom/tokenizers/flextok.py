@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from tokenloom.tokenizers import register
 from tokenloom.tokenizers.base import ImageTokenizer
-from tokenloom.tokenizers.flextok_decoder import FlowDecoder, RegressionDecoder
+from tokenloom.tokenizers.flextok_decoder import FlowDecoder, RegressionDecoder, frequency_basis
 from tokenloom.tokenizers.quantizers.fsq import FiniteScalarQuantizer, check_levels
 from tokenloom.tokens import Sequence, Tokens, TokenSpec
 
@@ -94,7 +94,7 @@ class FlexTokEncoder(nn.Module):
         self.patch_embed = nn.Linear(3 * patch_size * patch_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, width))
         self.registers = nn.Parameter(torch.zeros(1, num_tokens, width))
-        self.patch_to_register = nn.Parameter(torch.randn(num_tokens, self.num_patches) / self.num_patches**0.5)
+        self.patch_to_register = nn.Parameter(frequency_basis(image_size // patch_size, num_tokens))
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.proj = nn.Linear(width, code_dim)

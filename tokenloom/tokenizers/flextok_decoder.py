@@ -42,6 +42,22 @@ def key_mask_bias(key_mask: Tensor | None, num_fixed: int, dtype: torch.dtype) -
     return bias.masked_fill(~visible, float("-inf"))[:, None, None, :]
 
 
+def frequency_basis(grid: int, num: int) -> Tensor:
+    """``[num, grid²]``: the orthonormal 2D DCT-II basis of a ``grid × grid`` patch grid (patches row-major), rows in
+    zig-zag frequency order (by ``u + v``, then ``u``), as JPEG orders coefficients: row 0 is the mean, later
+    rows are finer detail. Rows beyond ``grid²`` are zero."""
+    pos = torch.arange(grid, dtype=torch.float64)
+    freq = torch.arange(grid, dtype=torch.float64)
+    basis_1d = torch.cos(math.pi * (2 * pos[None, :] + 1) * freq[:, None] / (2 * grid))  # [u, x]
+    basis_1d[0] *= math.sqrt(1 / grid)
+    basis_1d[1:] *= math.sqrt(2 / grid)
+    order = sorted(((u, v) for u in range(grid) for v in range(grid)), key=lambda uv: (uv[0] + uv[1], uv[0]))
+    rows = [torch.outer(basis_1d[u], basis_1d[v]).flatten() for u, v in order[:num]]
+    out = torch.zeros(num, grid * grid, dtype=torch.float64)
+    out[: len(rows)] = torch.stack(rows)
+    return out.float()
+
+
 def mix_registers(weight: Tensor, registers: Tensor, key_mask: Tensor | None) -> Tensor:
     """``weight: [P, N]``, ``registers: [B, K, D]`` → ``[B, P, D]``: each patch's learned linear mixture of the
     first ``K`` registers, hidden ones (``key_mask`` False) left out."""
@@ -96,7 +112,7 @@ class RegressionDecoder(nn.Module):
         super().__init__()
         self.num_patches = num_patches
         self.patch_queries = nn.Parameter(torch.zeros(1, num_patches, width))
-        self.register_to_patch = nn.Parameter(torch.randn(num_patches, num_registers) / num_registers**0.5)
+        self.register_to_patch = nn.Parameter(frequency_basis(math.isqrt(num_patches), num_registers).T.contiguous())
         self.blocks = nn.ModuleList(Block(width, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, patch_dim)
@@ -124,7 +140,7 @@ class FlowDecoder(nn.Module):
         self.num_patches = num_patches
         self.patch_embed = nn.Linear(patch_dim, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
-        self.register_to_patch = nn.Parameter(torch.randn(num_patches, num_registers) / num_registers**0.5)
+        self.register_to_patch = nn.Parameter(frequency_basis(math.isqrt(num_patches), num_registers).T.contiguous())
         self.time_embed = nn.Sequential(nn.Linear(TIME_FEATURES, width), nn.SiLU(), nn.Linear(width, width))
         self.blocks = nn.ModuleList(AdaLNBlock(width, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -163,4 +179,5 @@ class FlowDecoder(nn.Module):
         return x
 
 
-__all__ = ["AdaLNBlock", "FlowDecoder", "RegressionDecoder", "key_mask_bias", "timestep_features"]
+__all__ = ["AdaLNBlock", "FlowDecoder", "RegressionDecoder", "frequency_basis", "key_mask_bias", "mix_registers",
+           "timestep_features"]
