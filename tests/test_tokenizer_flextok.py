@@ -11,6 +11,7 @@ from scipy.stats import chisquare
 
 from tokenloom.tokenizers import available, build
 from tokenloom.tokenizers.flextok import FlexTokTokenizer, patchify, unpatchify
+from tokenloom.tokenizers.flextok_decoder import frequency_basis
 from tokenloom.tokens import Grid, Sequence, Tokens, TokenSpec
 
 DECODERS = ["regression", "flow"]
@@ -45,6 +46,21 @@ def test_patchify_roundtrip():
     assert p.shape == (3, 16, 48)
     assert torch.equal(p[0, 1], x[0, :, 0:4, 4:8].reshape(-1))  # second patch: top row, second column
     assert torch.equal(unpatchify(p, 4, 16), x)
+
+
+def test_frequency_basis_is_orthonormal_and_coarse_to_fine():
+    basis = frequency_basis(4, 20)  # 16 DCT rows, then zeros
+    torch.testing.assert_close(basis[:16] @ basis[:16].T, torch.eye(16), rtol=0, atol=1e-6)
+    assert torch.equal(basis[16:], torch.zeros(4, 16))
+    torch.testing.assert_close(basis[0], torch.full((16,), 0.25))  # row 0: the mean of the grid
+    grid = basis[:16].reshape(16, 4, 4)
+
+    def sign_changes(t):
+        return int((torch.diff(torch.sign(t)) != 0).sum())
+
+    # frequency (u, v) of each row = sign changes down a column and along a row; zig-zag: u + v never decreases
+    total = [sign_changes(g[:, 0]) + sign_changes(g[0]) for g in grid]
+    assert total == sorted(total) and total[0] == 0 and total[-1] == 6
 
 
 @pytest.mark.parametrize("decoder_type", DECODERS)
@@ -87,13 +103,13 @@ def test_masked_training_decoder_equals_prefix_decoder(decoder_type):
         registers = tok.condition(tok.encode_codes(x))  # [B, 6, D]
         keep = torch.tensor([1, 3, 6])
         key_mask = torch.arange(6)[None] < keep[:, None]
+        for p in tok.decoder.parameters():  # leave the zero-initialised start, so that every layer matters
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         if decoder_type == "regression":
             masked = tok.decoder(registers, key_mask)
             prefix = [tok.decoder(registers[i:i + 1, :k]) for i, k in enumerate(keep.tolist())]
         else:
             x_t, t = torch.randn(3, 16, 48), torch.tensor([0.2, 0.5, 0.9])
-            for p in tok.decoder.parameters():  # leave adaLN-zero's identity start, so every layer matters
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
             masked = tok.decoder(x_t, t, registers, key_mask)
             prefix = [tok.decoder(x_t[i:i + 1], t[i:i + 1], registers[i:i + 1, :k])
                       for i, k in enumerate(keep.tolist())]

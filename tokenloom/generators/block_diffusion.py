@@ -31,6 +31,10 @@ block]`` at every step instead (same tokens, for benchmarks and tests).
 
 Two equivalent paths, compared in the tests: :meth:`BlockDiffusion.hidden` (full) and
 :meth:`BlockDiffusion.cached_hidden` (block by block).
+
+Our own module on tokenloom's shared layers: BD3-LM and ACDiT ship research code for their own tokens (text, DiT
+latents), not a library; the skip-causal mask, the fused cache extension and the per-head processes need the shared
+attention/KV-cache layers and the heads' per-row timestep APIs.
 """
 
 from __future__ import annotations
