@@ -493,9 +493,9 @@ def recipe() -> dict:
 
 def test_recipe_builds_trains_a_step_and_generates_blocks_times_steps():
     cfg = dict(recipe()["generator"])
-    spec = TokenSpec(kind="index", vocab_size=256, layout=Grid(8, 8))  # the recipe's VQ tokenizer
+    spec = TokenSpec(kind="index", vocab_size=512, layout=Grid(8, 8))  # the recipe's VQ tokenizer
     model = generators.build(cfg.pop("name"), token_spec=spec.to_dict(), **cfg)
-    tokens = Tokens(torch.randint(0, 256, (4, 64, 1)), spec)
+    tokens = Tokens(torch.randint(0, 512, (4, 64, 1)), spec)
     loss = model(tokens, torch.tensor([0, 5, 10, 20]), generator=torch.Generator().manual_seed(0))["loss"]
     loss.backward()
     assert torch.isfinite(loss)
@@ -527,7 +527,8 @@ def judge_acceptance(tokenizer, model, params: SamplingParams, per_class: int = 
 @pytest.mark.slow
 def test_shapes_block_diffusion_recipe_draws_the_requested_class():
     """Train configs/generator/shapes_block_diffusion.yaml (≤ 15 CPU minutes) and print the shapes-judge acceptance of
-    class-conditional samples (8 blocks × 4 steps)."""
+    class-conditional samples (8 blocks × 4 steps). Measured: 0.46 at guidance 3 after 800 generator steps with the
+    recipe's tokenizer trained separately (``.venv/bin/python -m pytest -m slow tests/test_block_diffusion.py -s``)."""
     import time
 
     from tokenloom.training.generator_trainer import train_from_config
