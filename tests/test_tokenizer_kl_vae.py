@@ -77,6 +77,17 @@ def test_posterior_sampling_uses_the_generator():
     torch.testing.assert_close(a, want)
 
 
+def test_calibrate_scaling_gives_unit_variance_tokens_and_is_saved(tmp_path):
+    tok = tiny()
+    x = images(4)
+    scale = tok.calibrate_scaling(x, shift=True)
+    with torch.no_grad():
+        data = tok.encode(x).data
+    assert abs(float(data.std()) - 1.0) < 1e-4 and abs(float(data.mean())) < 1e-4
+    tok.save_pretrained(tmp_path)
+    assert KLVAETokenizer.from_pretrained(tmp_path).config.scaling_factor == pytest.approx(scale)
+
+
 @pytest.mark.parametrize("architecture", ["ldm", "diffusers"])
 def test_save_load_identical_encodings(tmp_path, architecture):
     tok = tiny(architecture, scaling_factor=0.3, shift_factor=[0.1, 0.0, -0.1, 0.2])

@@ -48,13 +48,13 @@ ARCHITECTURES = ("ldm", "diffusers")
 RECON_LOSSES = ("l1", "mse")
 LOGVAR_RANGE = (-30.0, 20.0)
 
-# The small trainable configs (a 4x downsampling, 8-channel latent: Grid(8, 8) at 32x32).
+# The small trainable configs (4x downsampling, 8-channel latent: Grid(8, 8) at 32x32); "ldm" is the shapes recipe's.
 DEFAULT_AUTOENCODERS = {
-    "ldm": {"ch": 64, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "latent_channels": 8, "attn_levels": [],
-            "decoder_attn_levels": [], "mid_attn": True, "norm_groups": 32},
-    "diffusers": {"block_out_channels": [64, 128, 128], "layers_per_block": 1, "latent_channels": 8,
+    "ldm": {"ch": 16, "ch_mult": [1, 2, 4], "num_res_blocks": 1, "latent_channels": 8, "attn_levels": [],
+            "decoder_attn_levels": [], "mid_attn": True, "norm_groups": 8},
+    "diffusers": {"block_out_channels": [16, 32, 64], "layers_per_block": 1, "latent_channels": 8,
                   "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-                  "norm_num_groups": 32, "sample_size": 32},
+                  "norm_num_groups": 8, "sample_size": 32},
 }
 
 
@@ -233,6 +233,22 @@ class KLVAETokenizer(ImageTokenizer):
             raise ValueError(f"to_diffusers needs architecture='diffusers', this tokenizer has "
                              f"{self.config.architecture!r}")
         return self.autoencoder.vae
+
+    @torch.no_grad()
+    def calibrate_scaling(self, images: Tensor, shift: bool = False) -> float:
+        """Set ``scaling_factor = 1 / std`` of the posterior means of ``images`` (LDM's recipe, a first batch), so
+        that tokens have unit variance; with ``shift=True`` also ``shift_factor = mean``. Updates the config (saved
+        by ``save_pretrained``) and returns the new scaling factor."""
+        self.check_images(images)
+        mean, _ = self.posterior(images)
+        center = float(mean.mean()) if shift else 0.0
+        std = float((mean - center).std())
+        if not std > 0:
+            raise ValueError(f"the posterior means of images have std {std}; cannot calibrate the scaling")
+        self.latent_scale.fill_(1.0 / std)
+        self.latent_shift.fill_(center)
+        self.register_to_config(scaling_factor=1.0 / std, shift_factor=center)
+        return 1.0 / std
 
     # ---- the contract ----
     @property
