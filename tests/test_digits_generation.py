@@ -77,13 +77,13 @@ def test_recipe_and_script_run_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "tokenizer" / "config.json").exists()
     loaded = generators.GENERATORS.get("raster_ar").from_pretrained(tmp_path / "run" / "generator")
     assert loaded.spec == out["tokenizer"].spec
-    # the script: reuse the tokenizer just trained through `tokenizer.path`, override by --set
+    # the script: reuse the tokenizer just trained through `tokenizer.path`, override by a dot-list
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import train_generator as script
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**cfg, "tokenizer": {"path": str(tmp_path / "run" / "tokenizer")}}))
-    summary = script.main([str(recipe), "--output-dir", str(tmp_path / "run2"), "--set", "train.max_steps=2",
+    summary = script.main(["--config", str(recipe), "--output-dir", str(tmp_path / "run2"), "train.max_steps=2",
                            "--no-progress"])
     assert summary["generator_steps"] == 2 and not summary["tokenizer_trained"]
     assert (tmp_path / "run2" / "generator" / "diffusion_pytorch_model.safetensors").exists() or \

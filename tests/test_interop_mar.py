@@ -1,7 +1,8 @@
 """MAR fixtures → tokenloom: MaskedAR + diffusion head and the KL VAE reproduce every recorded output.
 
-Fixture root: ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``), folders ``mar/mar`` and ``mar/vae``. Every
-size is read from the fixture's checkpoint and config.json, so fixture sets of other sizes run unchanged.
+Fixture roots: ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``) and ``tests/fixtures/alt_sizes`` (other sizes,
+kept small), folders ``mar/mar`` and ``mar/vae`` (tests needing the VAE skip for a set without one). Every size and
+file name is read from the fixture's checkpoint and config.json, so fixture sets of other sizes run unchanged.
 """
 
 from __future__ import annotations
@@ -27,11 +28,33 @@ from tokenloom.interop.mar import (
 )
 from tokenloom.tokens import Grid, Tokens
 
-ROOT = Path(os.environ["TOKENLOOM_FIXTURES"])
-MAR_DIR, VAE_DIR = ROOT / "mar" / "mar", ROOT / "mar" / "vae"
-MAR_CKPT, VAE_CKPT = MAR_DIR / "checkpoint-last.pth", VAE_DIR / "kl_tiny.ckpt"
-needs_fixtures = pytest.mark.skipif(not (MAR_CKPT.exists() and VAE_CKPT.exists()),
-                                    reason=f"MAR fixtures not found under {ROOT}")
+ROOTS = {"env": Path(os.environ["TOKENLOOM_FIXTURES"]), "alt_sizes": Path(__file__).parent / "fixtures" / "alt_sizes"}
+
+
+def _folder_params(part: str) -> list:
+    return [pytest.param(root / "mar" / part, id=name, marks=pytest.mark.skipif(
+        not (root / "mar" / part / "config.json").is_file(), reason=f"no MAR {part} fixture under {root}"))
+        for name, root in ROOTS.items()]
+
+
+MAR_DIRS, VAE_DIRS = _folder_params("mar"), _folder_params("vae")
+
+
+def _checkpoint(folder: Path) -> Path:
+    return folder / json.loads((folder / "config.json").read_text())["checkpoint"]["file"]
+
+
+def _vae_of(mar_dir: Path) -> Path:
+    """The VAE folder of the same fixture set (skips when the set has none)."""
+    vae_dir = mar_dir.parent / "vae"
+    if not (vae_dir / "config.json").is_file():
+        pytest.skip(f"no MAR VAE fixture in {vae_dir}")
+    return vae_dir
+
+
+def _two_labels(model) -> list[int]:
+    n = model.config.num_classes
+    return [min(1, n - 1), n - 1]
 
 
 def _within(got: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -56,17 +79,17 @@ def _cfg_scale(folder: Path) -> float:
     return float(re.search(r"cfg_scale=([0-9.]+)", call).group(1))
 
 
-@pytest.fixture(scope="module")
-def mar():
-    if not MAR_CKPT.exists():
-        pytest.skip(f"MAR fixtures not found under {ROOT}")
+@pytest.fixture(scope="module", params=MAR_DIRS)
+def mar(request):
     from safetensors.torch import load_file
 
-    return convert_mar(MAR_CKPT, MAR_DIR / "config.json"), load_file(str(MAR_DIR / "io.safetensors"))
+    folder = request.param
+    model = convert_mar(_checkpoint(folder), folder / "config.json")
+    return model, load_file(str(folder / "io.safetensors")), folder
 
 
 @torch.no_grad()
-def _mar_outputs(model, io) -> dict[str, torch.Tensor]:
+def _mar_outputs(model, io, folder: Path) -> dict[str, torch.Tensor]:
     """Every recorded MAR output, computed by tokenloom."""
     out = {}
     p, (h, w), c = model.config.patch_size, model.grid, model.spec.dim
@@ -90,7 +113,7 @@ def _mar_outputs(model, io) -> dict[str, torch.Tensor]:
     half = x.shape[0] // 2
     raw = head(torch.cat([x[:half], x[:half]]), t, c_in)
     cond, uncond = raw[:half, :head.dim], raw[half:, :head.dim]
-    guided = uncond + _cfg_scale(MAR_DIR) * (cond - uncond)
+    guided = uncond + _cfg_scale(folder) * (cond - uncond)
     out["diff_net_out_cfg"] = torch.cat([torch.cat([guided, guided]), raw[:, head.dim:]], dim=1)
     chain = head.chain()  # the head's num_sampling_steps, read from MAR's config
     step = io["diff_t_spaced"]
@@ -107,63 +130,69 @@ def _mar_outputs(model, io) -> dict[str, torch.Tensor]:
     return out
 
 
-@needs_fixtures
 def test_mar_reproduces_every_recorded_output(mar):
-    model, io = mar
-    out = _mar_outputs(model, io)
-    assert set(out) == _checked_names(MAR_DIR)
+    model, io, folder = mar
+    out = _mar_outputs(model, io, folder)
+    assert set(out) == _checked_names(folder)
     bad = {k: float((v.double() - io[k].double()).abs().max()) for k, v in out.items()
            if v.shape != io[k].shape or not _within(v, io[k])}
     assert not bad, f"outside the README tolerance: {bad}"
 
 
-@needs_fixtures
 def test_mar_sizes_come_from_the_checkpoint(mar):
-    model, io = mar
-    cfg = json.loads((MAR_DIR / "config.json").read_text())
-    sd, _ = read_mar_checkpoint(MAR_CKPT)
+    model, io, folder = mar
+    cfg = json.loads((folder / "config.json").read_text())
+    args = cfg["MAR"]
+    sd, _ = read_mar_checkpoint(_checkpoint(folder))
     assert model.seq_len == io["tokens"].shape[1] and model.token_dim == io["tokens"].shape[2]
-    assert model.buffer_size == sd["encoder_pos_embed_learned"].shape[1] - model.seq_len
-    assert model.output_head.num_sampling_steps == int(cfg["MAR"]["num_sampling_steps"])
+    assert model.buffer_size == sd["encoder_pos_embed_learned"].shape[1] - model.seq_len == args["buffer_size"]
+    assert model.output_head.num_sampling_steps == int(args["num_sampling_steps"])
+    assert model.config.patch_size == args["patch_size"] and model.config.num_classes == args["class_num"]
+    assert (model.config.encoder_depth, model.config.decoder_depth) == (args["encoder_depth"], args["decoder_depth"])
+    assert (model.config.encoder_num_heads, model.config.decoder_num_heads) == (args["encoder_num_heads"],
+                                                                                args["decoder_num_heads"])
+    assert model.seq_len == (args["img_size"] // args["vae_stride"] // args["patch_size"]) ** 2
     # without a config, only what a state dict cannot hold is missing: the number of heads
     with pytest.raises(ValueError, match="do not store encoder_num_heads"):
         masked_ar_config(sd, None)
 
 
-@needs_fixtures
 def test_loading_model_instead_of_model_ema_is_detected(mar):
-    model, io = mar
-    wrong = convert_mar(MAR_CKPT, MAR_DIR / "config.json", entry="model")
+    model, io, folder = mar
+    wrong = convert_mar(_checkpoint(folder), folder / "config.json", entry="model")
     with torch.no_grad():
         mask = io["mask_A"].bool()
         z = wrong.decode(wrong.encode(io["tokens"], mask, wrong.vector_buffer(io["class_embedding"])), mask)
     assert not _within(z, io["z_A"])
 
 
-@needs_fixtures
+@pytest.mark.parametrize("vae_dir", VAE_DIRS)
 @torch.no_grad()
-def test_vae_reproduces_every_recorded_output():
+def test_vae_reproduces_every_recorded_output(vae_dir):
     from safetensors.torch import load_file
 
-    io = load_file(str(VAE_DIR / "io.safetensors"))
-    tok = convert_mar_vae(VAE_CKPT, VAE_DIR / "config.json")
+    io = load_file(str(vae_dir / "io.safetensors"))
+    tok = convert_mar_vae(_checkpoint(vae_dir), vae_dir / "config.json")
     mean, logvar = tok.posterior(io["image"])
     out = {"moments": tok.autoencoder.moments(io["image"]), "posterior_mean": mean, "posterior_logvar": logvar,
            "posterior_std": torch.exp(0.5 * logvar), "decoded": tok.autoencoder.decode(io["latent_in"])}
-    assert set(out) == _checked_names(VAE_DIR)
+    assert set(out) == _checked_names(vae_dir)
     bad = {k: float((v - io[k]).abs().max()) for k, v in out.items() if not _within(v, io[k])}
     assert not bad, f"outside the README tolerance: {bad}"
     # tokens are MAR's scaled latents
     tokens = tok.encode(io["image"])
     assert torch.allclose(tokens.data, mean.flatten(2).transpose(1, 2) * 0.2325)
     # the same weights without a config: every size from the keys
-    assert convert_mar_vae(VAE_CKPT).config.autoencoder_config == tok.config.autoencoder_config
+    assert convert_mar_vae(_checkpoint(vae_dir)).config.autoencoder_config == tok.config.autoencoder_config
+    derived = json.loads((vae_dir / "config.json").read_text())["derived"]
+    assert [tok.spec.dim, tok.spec.layout.h, tok.spec.layout.w] == derived["latent_shape"]
 
 
-@needs_fixtures
-def test_bad_checkpoints_fail_clearly(tmp_path):
-    full = torch.load(MAR_CKPT, weights_only=True, map_location="cpu")
-    cfg = MAR_DIR / "config.json"
+@pytest.mark.parametrize("mar_dir", MAR_DIRS)
+def test_bad_checkpoints_fail_clearly(mar_dir, tmp_path):
+    mar_ckpt = _checkpoint(mar_dir)
+    full = torch.load(mar_ckpt, weights_only=True, map_location="cpu")
+    cfg = mar_dir / "config.json"
     with pytest.raises(ValueError, match="unknown MAR checkpoint container.*bare state dict"):
         convert_mar(full["model_ema"], cfg)
     with pytest.raises(ValueError, match="unknown MAR checkpoint container"):
@@ -181,11 +210,12 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     assert f"mask_token: checkpoint (1, 1, 3) vs model (1, 1, {width})" in str(err.value)
     args = json.loads(cfg.read_text())["MAR"]
     with pytest.raises(ValueError, match=r"config says buffer_size=999 but the checkpoint has buffer_size="):
-        convert_mar(MAR_CKPT, {**args, "buffer_size": 999})
+        convert_mar(mar_ckpt, {**args, "buffer_size": 999})
     with pytest.raises(ValueError, match="unknown MAR arguments"):
-        convert_mar(MAR_CKPT, {**args, "depth": 3})
+        convert_mar(mar_ckpt, {**args, "depth": 3})
 
-    vae = torch.load(VAE_CKPT, weights_only=True, map_location="cpu")["model"]
+    vae_ckpt = _checkpoint(_vae_of(mar_dir))
+    vae = torch.load(vae_ckpt, weights_only=True, map_location="cpu")["model"]
     with pytest.raises(ValueError, match="unknown MAR VAE checkpoint container"):
         convert_mar_vae(vae)
     bad = dict(vae)
@@ -198,19 +228,20 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         convert_mar_vae(path)
 
 
-@needs_fixtures
 def test_sampling_settings_translation(mar):
-    model, _ = mar
+    model, _, folder = mar
     length = model.seq_len
-    params = mar_sampling_params(cfg=2.9, num_iter=4, seq_len=length)
-    assert params.num_steps == 4 and params.guidance_schedule.kind == "steps"
-    assert list(params.guidance_schedule.values) == mar_guidance_values(2.9, length, 4)
-    assert [params.at_step(s, 4).guidance_scale for s in range(4)] == mar_guidance_values(2.9, length, 4)
-    assert not mar_sampling_params(cfg=1.0, num_iter=4, seq_len=length).uses_guidance
-    assert mar_sampling_params(cfg=3.0, num_iter=4, seq_len=length, cfg_schedule="constant").guidance_scale == 3.0
+    steps = min(4, length)
+    params = mar_sampling_params(cfg=2.9, num_iter=steps, seq_len=length)
+    assert params.num_steps == steps and params.guidance_schedule.kind == "steps"
+    assert list(params.guidance_schedule.values) == mar_guidance_values(2.9, length, steps)
+    assert [params.at_step(s, steps).guidance_scale for s in range(steps)] == mar_guidance_values(2.9, length, steps)
+    assert not mar_sampling_params(cfg=1.0, num_iter=steps, seq_len=length).uses_guidance
+    assert mar_sampling_params(cfg=3.0, num_iter=steps, seq_len=length, cfg_schedule="constant").guidance_scale == 3.0
     with pytest.raises(ValueError, match="num_steps"):
         mar_sampling_params(cfg=2.0, num_iter=length + 1, seq_len=length)
-    assert convert_mar(MAR_CKPT, MAR_DIR / "config.json", temperature=0.95).output_head.noise_temperature == 0.95
+    assert convert_mar(_checkpoint(folder), folder / "config.json",
+                       temperature=0.95).output_head.noise_temperature == 0.95
 
 
 def _count_backbone_calls(generator) -> list:
@@ -219,16 +250,18 @@ def _count_backbone_calls(generator) -> list:
     return calls
 
 
-@needs_fixtures
-def test_converted_pipeline_generates_with_mars_settings(tmp_path):
-    pipe = mar_pipeline(MAR_CKPT, {"model": torch.load(VAE_CKPT, weights_only=True)["model"]},
-                        MAR_DIR / "config.json", VAE_DIR / "config.json", cfg=2.0, num_iter=3)
+@pytest.mark.parametrize("mar_dir", MAR_DIRS)
+def test_converted_pipeline_generates_with_mars_settings(mar_dir, tmp_path):
+    vae_dir = _vae_of(mar_dir)
+    pipe = mar_pipeline(_checkpoint(mar_dir), {"model": torch.load(_checkpoint(vae_dir), weights_only=True)["model"]},
+                        mar_dir / "config.json", vae_dir / "config.json", cfg=2.0, num_iter=3)
     pipe.set_progress_bar_config(disable=True)
     gen = pipe.token_generator
+    labels = _two_labels(gen)
     assert list(pipe.sampling_params().guidance_schedule.values) == mar_guidance_values(2.0, gen.seq_len, 3)
     calls = _count_backbone_calls(gen)
-    out = pipe([1, 3], generator=torch.Generator().manual_seed(0), output_type="pt")
-    again = pipe([1, 3], generator=torch.Generator().manual_seed(0), output_type="pt")
+    out = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt")
+    again = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt")
     size = gen.spec.layout.h * pipe.image_tokenizer.downsample_factor
     assert out.images.shape == (2, 3, size, size) and torch.equal(out.images, again.images)
     assert len(calls) == 2 * 3  # num_iter backbone passes per call (guidance doubles the batch, not the passes)
@@ -236,7 +269,7 @@ def test_converted_pipeline_generates_with_mars_settings(tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = tokenloom.pipeline("class-to-image", model=str(tmp_path))
     loaded.set_progress_bar_config(disable=True)
-    reloaded = loaded([1, 3], generator=torch.Generator().manual_seed(0), output_type="pt")
+    reloaded = loaded(labels, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert torch.equal(reloaded.images, out.images)
     assert loaded.sampling_params() == pipe.sampling_params()
 

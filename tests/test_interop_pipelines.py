@@ -1,8 +1,9 @@
 """Published-checkpoint pipelines: ``tokenloom convert llamagen|var|mar`` on the tiny fixtures, then sampling.
 
-Fixtures are read at run time from ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``): ``llamagen/{vq,gpt}``,
-``var/{vqvae,var}``, ``mar/{vae,mar}``, each a checkpoint + ``config.json`` (+ ``io.safetensors``). Every size is read
-from the fixture files, so fixture sets of other sizes run unchanged.
+Fixtures are read at run time from ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``) and
+``tests/fixtures/alt_sizes``: ``llamagen/{vq,gpt}``, ``var/{vqvae,var}``, ``mar/{vae,mar}``, each a checkpoint +
+``config.json`` (+ ``io.safetensors``). Every size is read from the fixture files, so fixture sets of other sizes run
+unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tokenloom.interop.llamagen import (
 )
 from tokenloom.tokens import Tokens
 
-ROOT = Path(os.environ["TOKENLOOM_FIXTURES"])
+ROOTS = {"env": Path(os.environ["TOKENLOOM_FIXTURES"]), "alt_sizes": Path(__file__).parent / "fixtures" / "alt_sizes"}
 
 
 def checkpoint_in(folder: Path) -> Path:
@@ -41,8 +42,19 @@ def checkpoint_in(folder: Path) -> Path:
 
 
 def needs(*folders: str):
-    missing = [f for f in folders if not (ROOT / f / "config.json").is_file()]
-    return pytest.mark.skipif(bool(missing), reason=f"fixtures {missing} not found under {ROOT}")
+    """Parametrize ``root`` over the fixture roots; a root without all of ``folders`` skips."""
+    params = []
+    for name, root in ROOTS.items():
+        missing = [f for f in folders if not (root / f / "config.json").is_file()]
+        params.append(pytest.param(root, id=name, marks=pytest.mark.skipif(
+            bool(missing), reason=f"fixtures {missing} not found under {root}")))
+    return pytest.mark.parametrize("root", params)
+
+
+def _two_labels(generator) -> list[int]:
+    """Two valid class labels of the converted model (its classes come from the checkpoint)."""
+    n = generator.config.num_classes
+    return [min(1, n - 1), n - 1]
 
 
 def _tol(ref: torch.Tensor) -> float:
@@ -114,8 +126,8 @@ def test_presets_are_llamagens_published_sizes():
 
 
 @needs("llamagen/vq", "llamagen/gpt")
-def test_llamagen_sizes_come_from_the_checkpoints():
-    vq_dir, gpt_dir = ROOT / "llamagen" / "vq", ROOT / "llamagen" / "gpt"
+def test_llamagen_sizes_come_from_the_checkpoints(root):
+    vq_dir, gpt_dir = root / "llamagen" / "vq", root / "llamagen" / "gpt"
     vq_cfg = json.loads((vq_dir / "config.json").read_text())
     vq_sd = torch.load(checkpoint_in(vq_dir), weights_only=True)["model"]
     args, ed = vq_args_from_checkpoint(vq_sd)  # nothing but the checkpoint
@@ -140,8 +152,8 @@ def test_llamagen_sizes_come_from_the_checkpoints():
 # ---------------------------------------------------------------- convert → load → sample
 @needs("llamagen/vq", "llamagen/gpt")
 @torch.no_grad()
-def test_llamagen_cli_pipeline_samples_with_llamagens_settings(tmp_path):
-    vq_dir, gpt_dir = ROOT / "llamagen" / "vq", ROOT / "llamagen" / "gpt"
+def test_llamagen_cli_pipeline_samples_with_llamagens_settings(root, tmp_path):
+    vq_dir, gpt_dir = root / "llamagen" / "vq", root / "llamagen" / "gpt"
     out = _convert(tmp_path, "llamagen", "--vq", str(checkpoint_in(vq_dir)), "--gpt", str(checkpoint_in(gpt_dir)),
                    "--vq-config", str(vq_dir / "config.json"), "--gpt-config", str(gpt_dir / "config.json"),
                    "--cfg-scale", "3.0", "--cfg-interval", "2", "--top-k", "50", "--top-p", "0.9",
@@ -163,20 +175,21 @@ def test_llamagen_cli_pipeline_samples_with_llamagens_settings(tmp_path):
         assert (logits - io["logits"]).abs().max() <= _tol(io["logits"])
 
     guided = _record_guided_steps(gen)
-    images = pipe([1, 2], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    labels = _two_labels(gen)
+    images = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     side = gen.spec.layout.h * pipe.image_tokenizer.downsample_factor
     assert images.shape == (2, 3, side, side) and torch.isfinite(images).all()
     assert guided == [t <= 2 + 1 for t in range(length)]  # tokens 0 … cfg_interval + 1 are guided
-    again = pipe([1, 2], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    again = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.equal(images, again)
 
 
 @needs("var/vqvae", "var/var")
 @torch.no_grad()
-def test_var_cli_pipeline_samples_with_vars_settings(tmp_path):
+def test_var_cli_pipeline_samples_with_vars_settings(root, tmp_path):
     from tokenloom.interop.var import convert_var, var_sampling_params
 
-    vae_dir, var_dir = ROOT / "var" / "vqvae", ROOT / "var" / "var"
+    vae_dir, var_dir = root / "var" / "vqvae", root / "var" / "var"
     out = _convert(tmp_path, "var", "--vae", str(checkpoint_in(vae_dir)), "--var", str(checkpoint_in(var_dir)),
                    "--vae-config", str(vae_dir / "config.json"), "--var-config", str(var_dir / "config.json"),
                    "--cfg", "2.0", "--top-k", "10", "--top-p", "0")
@@ -187,20 +200,21 @@ def test_var_cli_pipeline_samples_with_vars_settings(tmp_path):
     loaded = gen.state_dict()
     assert set(direct) == set(loaded) and all(torch.equal(direct[k], loaded[k]) for k in direct)
 
-    images = pipe([0, 1], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    labels = _two_labels(gen)
+    images = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     side = gen.spec.layout.sizes[-1][0] * pipe.image_tokenizer.downsample_factor
     assert images.shape == (2, 3, side, side) and torch.isfinite(images).all()
-    again = pipe([0, 1], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    again = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.equal(images, again)
 
 
 @needs("mar/vae", "mar/mar")
 @torch.no_grad()
-def test_mar_cli_pipeline_samples_with_mars_settings(tmp_path):
+def test_mar_cli_pipeline_samples_with_mars_settings(root, tmp_path):
     from tokenloom.generators.masked_ar_layers import mar_guidance_values
     from tokenloom.interop.mar import convert_mar
 
-    vae_dir, mar_dir = ROOT / "mar" / "vae", ROOT / "mar" / "mar"
+    vae_dir, mar_dir = root / "mar" / "vae", root / "mar" / "mar"
     out = _convert(tmp_path, "mar", "--vae", str(checkpoint_in(vae_dir)), "--mar", str(checkpoint_in(mar_dir)),
                    "--vae-config", str(vae_dir / "config.json"), "--mar-config", str(mar_dir / "config.json"),
                    "--cfg", "2.5", "--num-iter", "2", "--temperature", "0.9")
@@ -214,8 +228,9 @@ def test_mar_cli_pipeline_samples_with_mars_settings(tmp_path):
     loaded = gen.state_dict()
     assert set(direct) == set(loaded) and all(torch.equal(direct[k], loaded[k]) for k in direct)
 
-    images = pipe([0, 1], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    labels = _two_labels(gen)
+    images = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     side = gen.spec.layout.h * pipe.image_tokenizer.downsample_factor
     assert images.shape == (2, 3, side, side) and torch.isfinite(images).all()
-    again = pipe([0, 1], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    again = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.equal(images, again)

@@ -1,8 +1,9 @@
 """VAR transformer checkpoints → NextScaleAR, proven against the fixtures' recorded outputs.
 
-Fixtures are read at run time from ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``), directory
-``var/var`` (and ``var/vqvae`` for the tokenizer the transformer was fed with); every size comes from the
-checkpoint and its config.json, so fixture sets of other sizes run unchanged. Tolerance (fixtures README §0):
+Fixtures are read at run time from ``$TOKENLOOM_FIXTURES`` (default ``../shared/fixtures``) and from
+``tests/fixtures/alt_sizes`` (other sizes, kept small), directory ``var/var`` (and ``var/vqvae`` for the tokenizer
+the transformer was fed with, where present); every size comes from the checkpoint and its config.json, so fixture
+sets of other sizes run unchanged. Tolerance (fixtures README §0):
 float32 ``max|got − ref| <= 2e-5 · max(1, max|ref|)``, integers exactly.
 """
 
@@ -31,9 +32,10 @@ from tokenloom.interop.var import (
 )
 from tokenloom.tokens import Tokens
 
-ROOT = Path(os.environ["TOKENLOOM_FIXTURES"])
-VAR_DIR, VAE_DIR = ROOT / "var" / "var", ROOT / "var" / "vqvae"
-needs_fixture = pytest.mark.skipif(not (VAR_DIR / "io.safetensors").is_file(), reason=f"no VAR fixture in {VAR_DIR}")
+ROOTS = {"env": Path(os.environ["TOKENLOOM_FIXTURES"]), "alt_sizes": Path(__file__).parent / "fixtures" / "alt_sizes"}
+ROOT_PARAMS = [pytest.param(root, id=name, marks=pytest.mark.skipif(
+    not (root / "var" / "var" / "io.safetensors").is_file(), reason=f"no VAR fixture under {root}"))
+    for name, root in ROOTS.items()]
 
 
 def checkpoint_path(folder: Path) -> Path:
@@ -54,13 +56,27 @@ def assert_within_tolerance(name: str, got: torch.Tensor, ref: torch.Tensor) -> 
     return diff
 
 
+@pytest.fixture(scope="module", params=ROOT_PARAMS)
+def root(request) -> Path:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def fixture():
-    io = load_file(str(VAR_DIR / "io.safetensors"))
-    meta = json.loads((VAR_DIR / "io.json").read_text())
-    config = json.loads((VAR_DIR / "config.json").read_text())
-    model = load_var_folder(VAR_DIR)
+def fixture(root):
+    var_dir = root / "var" / "var"
+    io = load_file(str(var_dir / "io.safetensors"))
+    meta = json.loads((var_dir / "io.json").read_text())
+    config = json.loads((var_dir / "config.json").read_text())
+    model = load_var_folder(var_dir)
     return model, io, meta, config
+
+
+def needs_vae(root: Path) -> Path:
+    """The fixture set's VQVAE folder (skips when the set has none)."""
+    vae_dir = root / "var" / "vqvae"
+    if not (vae_dir / "io.safetensors").is_file():
+        pytest.skip(f"no VAR VQVAE fixture in {vae_dir}")
+    return vae_dir
 
 
 def cached_logits(model, labels: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
@@ -77,7 +93,6 @@ def cached_logits(model, labels: torch.Tensor, x_in: torch.Tensor) -> torch.Tens
     return model.output_head.logits(z.flatten(0, 1)).unflatten(0, z.shape[:2])[..., 0, :]
 
 
-@needs_fixture
 @torch.no_grad()
 def test_var_reproduces_every_recorded_output(fixture):
     model, io, meta, _ = fixture
@@ -89,7 +104,6 @@ def test_var_reproduces_every_recorded_output(fixture):
         assert_within_tolerance(name, outputs[name](), io[name])
 
 
-@needs_fixture
 @torch.no_grad()
 def test_var_cached_per_scale_inference_reproduces_recorded_logits(fixture):
     model, io, _, _ = fixture
@@ -97,7 +111,6 @@ def test_var_cached_per_scale_inference_reproduces_recorded_logits(fixture):
     assert_within_tolerance("logits (cached)", got, io["logits"])
 
 
-@needs_fixture
 @torch.no_grad()
 def test_var_training_loss_is_cross_entropy_of_recorded_logits(fixture):
     model, io, _, _ = fixture
@@ -107,25 +120,23 @@ def test_var_training_loss_is_cross_entropy_of_recorded_logits(fixture):
     assert abs(loss.item() - want.item()) <= 2e-5 * max(1.0, want.item())
 
 
-@pytest.mark.skipif(not (VAE_DIR / "io.safetensors").is_file(), reason=f"no VAR VQVAE fixture in {VAE_DIR}")
-@needs_fixture
 @torch.no_grad()
-def test_bound_vqvae_gives_the_recorded_teacher_inputs(fixture):
+def test_bound_vqvae_gives_the_recorded_teacher_inputs(root, fixture):
     from tokenloom.interop.var_vqvae import load_var_vqvae_folder
 
     model, io, _, _ = fixture
-    vae = load_var_vqvae_folder(VAE_DIR)
+    vae = load_var_vqvae_folder(needs_vae(root))
     model.bind_tokenizer(vae)
     x = vae.teacher_inputs(Tokens(io["gt_idx_BL"][..., None], model.spec))
     assert_within_tolerance("x_BLCv_wo_first_l", x, io["x_BLCv_wo_first_l"])
 
 
-@needs_fixture
-def test_sizes_come_from_the_checkpoint_and_agree_with_config(fixture):
+def test_sizes_come_from_the_checkpoint_and_agree_with_config(root, fixture):
+    var_dir = root / "var" / "var"
     model, io, _, config = fixture
-    sd = load_state_dict(checkpoint_path(VAR_DIR))
+    sd = load_state_dict(checkpoint_path(var_dir))
     from_checkpoint = next_scale_config(sd)
-    from_config = next_scale_config(sd, VAR_DIR / "config.json")
+    from_config = next_scale_config(sd, var_dir / "config.json")
     var = config["VAR"]
     assert from_checkpoint["token_spec"] == from_config["token_spec"] == model.config.token_spec
     for key in ("width", "depth", "num_heads", "num_classes", "input_dim", "attn_l2_norm", "shared_adaln"):
@@ -137,27 +148,28 @@ def test_sizes_come_from_the_checkpoint_and_agree_with_config(fixture):
     assert model.config.input_dim == io["x_BLCv_wo_first_l"].shape[-1]
 
 
-@needs_fixture
-def test_conversion_errors_name_keys_and_shapes(fixture, tmp_path):
+def test_conversion_errors_name_keys_and_shapes(root, fixture, tmp_path):
     _, _, _, config = fixture
-    sd = load_state_dict(checkpoint_path(VAR_DIR))
+    sd = load_state_dict(checkpoint_path(root / "var" / "var"))
+    last = config["VAR"]["depth"] - 1
     with pytest.raises(ValueError, match="unknown VAR checkpoint container.*training checkpoint"):
         convert_var({"trainer": {"x": 1}, "args": {}})
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="unknown VAR checkpoint container.*got list"):
         convert_var(tmp_path / "list.pth")
     bad = dict(sd)
-    del bad["blocks.1.attn.q_bias"]
+    del bad[f"blocks.{last}.attn.q_bias"]
     bad["extra.weight"] = torch.zeros(3)
-    fc1 = bad["blocks.1.ffn.fc1.weight"]
-    bad["blocks.1.ffn.fc1.weight"] = fc1[:-2]
+    proj = bad[f"blocks.{last}.attn.proj.weight"]  # not a size the converter reads
+    bad[f"blocks.{last}.attn.proj.weight"] = proj[:-2]
     with pytest.raises(ValueError) as err:
         convert_var(bad)
     msg = str(err.value)
-    assert "missing keys: ['blocks.1.attn.q_bias']" in msg and "unexpected keys: ['extra.weight']" in msg
-    assert (f"blocks.1.ffn.fc1.weight: checkpoint {tuple(fc1[:-2].shape)} vs model {tuple(fc1.shape)}") in msg
-    with pytest.raises(ValueError, match="config says depth=7 but the checkpoint has depth="):
-        convert_var(sd, {**config["VAR"], "depth": 7})
+    assert f"missing keys: ['blocks.{last}.attn.q_bias']" in msg and "unexpected keys: ['extra.weight']" in msg
+    assert f"blocks.{last}.attn.proj.weight: checkpoint {tuple(proj[:-2].shape)} vs model {tuple(proj.shape)}" in msg
+    wrong_depth = config["VAR"]["depth"] + 1
+    with pytest.raises(ValueError, match=f"config says depth={wrong_depth} but the checkpoint has depth="):
+        convert_var(sd, {**config["VAR"], "depth": wrong_depth})
     with pytest.raises(ValueError, match="patch_nums"):
         convert_var(sd, {**config["VAR"], "patch_nums": config["VAR"]["patch_nums"][:-1]})
     with pytest.raises(ValueError, match="zero_k_bias must be all zeros"):
@@ -186,14 +198,13 @@ def test_presets_are_the_released_sizes():
         assert p["patch_nums"] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16] and p["attn_l2_norm"] and not p["shared_aln"]
 
 
-@pytest.mark.skipif(not (VAE_DIR / "io.safetensors").is_file(), reason=f"no VAR VQVAE fixture in {VAE_DIR}")
-@needs_fixture
 @torch.no_grad()
-def test_converted_var_generates_images_through_the_class_to_image_pipeline(fixture, tmp_path):
+def test_converted_var_generates_images_through_the_class_to_image_pipeline(root, fixture, tmp_path):
     model, _, _, config = fixture
-    vae_config = json.loads((VAE_DIR / "config.json").read_text())
-    pipe = write_var_pipeline(checkpoint_path(VAR_DIR), checkpoint_path(VAE_DIR),
-                              tmp_path, var_config=VAR_DIR / "config.json", vqvae=vae_config["VQVAE"],
+    var_dir, vae_dir = root / "var" / "var", needs_vae(root)
+    vae_config = json.loads((vae_dir / "config.json").read_text())
+    pipe = write_var_pipeline(checkpoint_path(var_dir), checkpoint_path(vae_dir),
+                              tmp_path, var_config=var_dir / "config.json", vqvae=vae_config["VQVAE"],
                               ddconfig=vae_config["ddconfig_overrides"])
     index = json.loads((tmp_path / "model_index.json").read_text())
     defaults = index["sampling_defaults"]  # VAR's evaluation settings cfg=1.5, top_k=900, top_p=0.96
@@ -201,14 +212,16 @@ def test_converted_var_generates_images_through_the_class_to_image_pipeline(fixt
     assert defaults["guidance_schedule"]["kind"] == "linear" and defaults["guidance_schedule"]["start"] == 1.0
     assert defaults["top_k"] == (900 if model.spec.vocab_size > 900 else 0)  # top_k >= V keeps everything
     pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe([1, 3], generator=torch.Generator().manual_seed(0), output_type="pt")
+    n = config["VAR"]["num_classes"]
+    a, b = min(1, n - 1), n - 1  # two valid class labels of this fixture
+    run = lambda: pipe([a, b], generator=torch.Generator().manual_seed(0), output_type="pt")
     out = run()
     side = config["VAR"]["patch_nums"][-1] * pipe.image_tokenizer.downsample_factor
     assert out.images.shape == (2, 3, side, side) and torch.isfinite(out.images).all()
     assert out.tokens.spec == model.spec
     assert torch.equal(out.tokens.data, run().tokens.data)
-    alone = pipe([3], generator=[torch.Generator().manual_seed(5)], output_type="tokens").tokens
-    batch = pipe([1, 3], generator=[torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)],
+    alone = pipe([b], generator=[torch.Generator().manual_seed(5)], output_type="tokens").tokens
+    batch = pipe([a, b], generator=[torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)],
                  output_type="tokens").tokens
     assert torch.equal(batch.data[1:], alone.data)
     import tokenloom
@@ -217,7 +230,7 @@ def test_converted_var_generates_images_through_the_class_to_image_pipeline(fixt
     loaded.set_progress_bar_config(disable=True)
     if not loaded.token_generator._codec:  # the pipeline should bind when built (reported to the lead)
         loaded.token_generator.bind_tokenizer(loaded.image_tokenizer)
-    again = loaded([1, 3], generator=torch.Generator().manual_seed(0), output_type="pt")
+    again = loaded([a, b], generator=torch.Generator().manual_seed(0), output_type="pt")
     assert torch.equal(again.tokens.data, out.tokens.data) and torch.equal(again.images, out.images)
 
 
@@ -317,3 +330,18 @@ def test_other_sizes_match_an_independent_reference(sizes):
     got = model.full_logits(labels, x_in)[..., 0, :]
     assert_within_tolerance("logits", got, ref.float())
     assert_within_tolerance("logits (cached)", cached_logits(model, labels, x_in), ref.float())
+
+
+@pytest.mark.parametrize("share,counts,patch_nums,want", [
+    # VAR's PhiNonShared picks with the same ticks as PhiPartiallyShared: 1/(3K) when K = 4 (scale 2 of 10 → conv 1)
+    (0, 4, list(range(1, 11)), [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]),
+    (0, 0, [1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5]),
+    (0, 3, [1, 2, 3, 5, 8, 10], [0, 0, 1, 1, 2, 2]),
+])
+def test_non_shared_phi_map_is_vars(share, counts, patch_nums, want):
+    """Expected maps read off the reference ``VectorQuantizer2(share_quant_resi=0)`` (``quant_resi[si / (SN - 1)]``)."""
+    from tokenloom.interop.var_vqvae import tokenizer_config_from_var
+
+    cfg = tokenizer_config_from_var({"share_quant_resi": share, "default_qresi_counts": counts,
+                                     "v_patch_nums": patch_nums, "vocab_size": 8, "z_channels": 4})
+    assert cfg["num_phi"] == (counts or len(patch_nums)) and cfg["phi_index"] == want

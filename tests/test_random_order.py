@@ -533,7 +533,7 @@ def test_bad_inputs_raise_clear_errors():
         model.generate(labels, known=source)
     with pytest.raises(ValueError, match="orders must hold a permutation"):
         model(source, labels, orders=torch.zeros(2, L).long())
-    with pytest.raises(ValueError, match="decoding must be None"):
+    with pytest.raises(TypeError, match="decoding must be None or a tokenloom.generators.decoding.Decoding"):
         model.generate(labels, decoding="jacobi")
     with pytest.raises(ValueError, match="pending query positions"):
         cache = model.new_cache(2)

@@ -9,7 +9,7 @@ from tokenloom import generators
 from tokenloom.config import GuidanceSchedule, SamplingParams
 from tokenloom.generators.condition import Condition
 from tokenloom.generators.raster_ar import RasterAR
-from tokenloom.tokens import Grid, Sequence, Tokens, TokenSpec
+from tokenloom.tokens import Grid, Scales, Sequence, Tokens, TokenSpec
 
 SPEC = TokenSpec(kind="index", vocab_size=24, layout=Grid(3, 4))
 L = SPEC.length
@@ -226,7 +226,7 @@ def test_bad_inputs_raise_clear_errors():
               torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="must be a tokenloom.Tokens"):
         model(codes.data, torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="decoding must be None"):
+    with pytest.raises(TypeError, match="decoding must be None or a tokenloom.generators.decoding.Decoding"):
         model.generate(torch.tensor([0]), decoding="jacobi")
     with pytest.raises(ValueError, match="a list of 2"):
         model.generate(torch.tensor([0, 1]), generator=[torch.Generator()])
@@ -243,13 +243,16 @@ def test_mismatched_head_or_spec_fails_at_construction():
     with pytest.raises(ValueError, match=r"head 'categorical' \(CategoricalHead\) models \('index',\) tokens but "
                                          r"token_spec has kind='bits'"):
         generators.build("raster_ar", token_spec=bits.to_dict(), num_classes=3)
+    scales = TokenSpec(kind="index", vocab_size=8, layout=Scales(((1, 1), (2, 2))))
+    with pytest.raises(ValueError, match="RasterAR generates tokens on a Grid or Sequence layout"):
+        generators.build("raster_ar", token_spec=scales.to_dict(), num_classes=3)
     seq = TokenSpec(kind="index", vocab_size=8, layout=Sequence(4))
-    with pytest.raises(ValueError, match="RasterAR generates 'index' tokens on a Grid layout"):
-        generators.build("raster_ar", token_spec=seq.to_dict(), num_classes=3)
+    with pytest.raises(ValueError, match="rope_type='2d' needs a Grid layout"):
+        generators.build("raster_ar", token_spec=seq.to_dict(), num_classes=3, rope_type="2d")
     with pytest.raises(ValueError, match="unknown head 'categorial'"):
         generators.build("raster_ar", token_spec=SPEC.to_dict(), num_classes=3, head="categorial")
     deep = TokenSpec(kind="index", vocab_size=8, depth=2, layout=Grid(2, 2))
-    with pytest.raises(NotImplementedError, match="depth=2"):
-        generators.build("raster_ar", token_spec=deep.to_dict(), num_classes=3)
+    with pytest.raises(ValueError, match="depth transformer num_layers must be an int >= 1, got 0"):
+        generators.build("raster_ar", token_spec=deep.to_dict(), num_classes=3, depth_layers=0)
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         generators.build("raster_ar", token_spec=SPEC.to_dict())

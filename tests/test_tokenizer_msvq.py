@@ -169,10 +169,10 @@ def test_var_converter_names_bad_keys():
 
     with open(os.path.join(VAR_VQVAE, "config.json")) as f:
         cfg = json.load(f)
-    state = torch.load(os.path.join(VAR_VQVAE, "vae_tiny.pth"), map_location="cpu", weights_only=True)
-    del state["quantize.quant_resi.qresi_ls.3.bias"]
-    state["post_quant_conv.weight"] = state["post_quant_conv.weight"][:, :4]
-    with pytest.raises(ValueError, match=r"quantize\.phi\.3\.bias[\s\S]*post_quant_conv\.weight"):
+    state = torch.load(os.path.join(VAR_VQVAE, cfg["checkpoint"]["file"]), map_location="cpu", weights_only=True)
+    del state[next(k for k in state if k.startswith("quantize.quant_resi.") and k.endswith(".bias"))]  # first φ
+    state["post_quant_conv.weight"] = state["post_quant_conv.weight"][:, :-1]
+    with pytest.raises(ValueError, match=r"quantize\.phi\.0\.bias[\s\S]*post_quant_conv\.weight"):
         load_var_vqvae(state, cfg["VQVAE"], cfg["ddconfig_overrides"])
     with pytest.raises(ValueError, match="using_znorm"):
         load_var_vqvae(state, {**cfg["VQVAE"], "using_znorm": True}, cfg["ddconfig_overrides"])

@@ -361,7 +361,7 @@ def test_training_script_runs_a_yaml_recipe(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "scripts", "train_tokenizer.py"))
     out_dir = tmp_path / "out"
-    summary = script["main"]([str(path), "--output-dir", str(out_dir), "--set", "train.max_steps=3",
+    summary = script["main"](["--config", str(path), "--output-dir", str(out_dir), "train.max_steps=3",
                               "--no-progress"])
     assert summary["train_steps"] == 3 and summary["eval"]["num_images"] == 8
     assert {"config.json", "train_log.json", "eval.json"} <= set(os.listdir(out_dir))

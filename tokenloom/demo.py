@@ -1,16 +1,18 @@
-"""``make demo``: text-to-image from the default model; writes PNGs and prints their paths.
+"""``make demo``: prompts in, images out, from the model that ships inside the package. No training, no download.
 
-The default model is the packaged one when it ships (``tokenloom/assets/default/text-to-image``).
-Until then the first run trains a small model on the built-in shapes set (recipe:
-``tokenloom.training.recipes.train_shapes_text_to_image``) and caches it under ``.cache/demo-model``;
-later runs reuse the cache.
+    python -m tokenloom.demo [--out outputs/demo] [--seed 0] [--model DIR]
+
+Writes one PNG per prompt (4 samples, upscaled so 32x32 shapes are visible) and a labelled grid of all prompts,
+then prints the paths. The model is the packaged default (``tokenloom/assets/default/text-to-image``, or
+``$TOKENLOOM_DEFAULT_MODEL``); ``--model`` takes any text-to-image pipeline folder instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
+
+START = time.time()
 
 PROMPTS = [
     "a red circle",
@@ -22,55 +24,61 @@ PROMPTS = [
 ]
 
 
-def resolve_model(cache_dir: Path, minutes: float) -> Path:
-    from tokenloom.pipelines.registry import default_model
+def labelled_grid(images, prompts: list[str], per_prompt: int, scale: int = 4, label_width: int = 250):
+    """One row per prompt: its label, then its ``per_prompt`` images upscaled ``scale`` times (PIL image)."""
+    from PIL import Image, ImageDraw
 
-    try:
-        return default_model("text-to-image")
-    except ValueError:
-        pass
-    if (cache_dir / "model_index.json").exists():
-        print(f"using the cached demo model in {cache_dir}")
-        return cache_dir
-    from tokenloom.training.recipes import train_shapes_text_to_image
-
-    print(f"no trained default ships yet: training a small text-to-image model on shapes (≤ {minutes:g} min) "
-          f"into {cache_dir}")
-    train_shapes_text_to_image(cache_dir, minutes=minutes)
-    return cache_dir
+    side = images[0].size[0] * scale
+    pad = 4
+    grid = Image.new("RGB", (label_width + per_prompt * (side + pad), len(prompts) * (side + pad)), (24, 24, 24))
+    draw = ImageDraw.Draw(grid)
+    for row, prompt in enumerate(prompts):
+        y = row * (side + pad)
+        draw.text((6, y + side // 2 - 6), prompt, fill=(230, 230, 230))
+        for k in range(per_prompt):
+            img = images[row * per_prompt + k].resize((side, side), Image.NEAREST)
+            grid.paste(img, (label_width + k * (side + pad), y))
+    return grid
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv=None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="folder for the PNGs")
-    parser.add_argument("--cache", default=".cache/demo-model", help="where the trained demo model is cached")
-    parser.add_argument("--minutes", type=float, default=8.0, help="training budget when no model exists")
+    parser.add_argument("--model", default=None, help="text-to-image pipeline folder (default: the packaged model)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
+    parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNGs")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: the model is tiny; more threads only wait on each other)")
     args = parser.parse_args(argv)
 
+    from pathlib import Path
+
     import torch
-    from torchvision.utils import make_grid, save_image
 
     import tokenloom
 
-    start = time.time()
-    model = resolve_model(Path(args.cache), args.minutes)
-    pipe = tokenloom.pipeline("text-to-image", model=str(model))
+    torch.set_num_threads(args.threads)
+    pipe = tokenloom.pipeline("text-to-image", model=args.model)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(PROMPTS, num_images_per_prompt=args.per_prompt,
+                  generator=torch.Generator().manual_seed(args.seed)).images
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = pipe(PROMPTS, num_images_per_prompt=4, generator=torch.Generator().manual_seed(args.seed),
-                  output_type="pt").images
     paths = []
+    n = args.per_prompt
     for i, prompt in enumerate(PROMPTS):
+        row = labelled_grid(images[i * n:(i + 1) * n], [prompt], n, args.scale, label_width=0)
         path = out_dir / f"{i:02d}_{prompt.replace(' ', '_')}.png"
-        save_image(make_grid(images[4 * i:4 * i + 4], nrow=4, padding=1), path)
-        paths.append(path)
-    grid = out_dir / "grid.png"
-    save_image(make_grid(images, nrow=8, padding=1), grid)
-    for prompt, path in zip(PROMPTS, paths):
+        row.save(path)
+        paths.append(str(path))
         print(f"{path}  <- {prompt!r}")
-    print(f"{grid}  <- all prompts, 4 samples each")
-    print(f"done in {time.time() - start:.1f} s")
+    grid = out_dir / "grid.png"
+    labelled_grid(images, PROMPTS, n, args.scale).save(grid)
+    paths.append(str(grid))
+    print(f"{grid}  <- all prompts, {n} samples each")
+    print(f"done in {time.time() - START:.1f} s (from the demo module's import: tokenloom, torch, model, images)")
+    return paths
 
 
 if __name__ == "__main__":

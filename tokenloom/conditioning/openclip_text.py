@@ -19,26 +19,20 @@ from open_clip.transformer import TextTransformer
 from torch import Tensor
 
 from tokenloom.conditioning import register
+from tokenloom.conditioning.base import (
+    OUTPUTS,
+    TextConditioner,
+    check_choice,
+    check_prompts,
+    pooled_as_condition_features,
+)
 from tokenloom.generators.condition import Condition
-from tokenloom.modeling import TokenloomModel
 
-
-def check_prompts(prompt, name: str = "prompt") -> list[str]:
-    """A string or a non-empty list of strings → list of strings; anything else is a TypeError/ValueError."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)):
-        if not prompt:
-            raise ValueError(f"{name} must be a string or a non-empty list of strings, got an empty list")
-        bad = [p for p in prompt if not isinstance(p, str)]
-        if bad:
-            raise TypeError(f"{name} must be a string or a list of strings, got an element {bad[0]!r}")
-        return list(prompt)
-    raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+__all__ = ["OpenCLIPTextConditioner", "check_prompts"]  # check_prompts: kept importable from here for pipelines
 
 
 @register("openclip_text")
-class OpenCLIPTextConditioner(TokenloomModel):
+class OpenCLIPTextConditioner(TextConditioner):
     """Prompts → per-token features ``[B, Lc, C]``, a mask ``[B, Lc]`` and pooled features ``[B, C]``.
 
     Args:
@@ -46,6 +40,7 @@ class OpenCLIPTextConditioner(TokenloomModel):
         context_length: tokens per prompt (padded/truncated), ``Lc``.
         width, heads, layers, mlp_ratio: text transformer size.
         token_ids: optional compact vocabulary (sorted BPE ids to keep); see the module docstring.
+        output: ``"tokens"`` (per-token features ``[B, Lc, width]``) or ``"pooled"`` (``[B, 1, width]``).
     """
 
     @register_to_config
@@ -58,8 +53,10 @@ class OpenCLIPTextConditioner(TokenloomModel):
         layers: int = 2,
         mlp_ratio: float = 4.0,
         token_ids: list[int] | None = None,
+        output: str = "tokens",
     ):
         super().__init__()
+        check_choice("output", output, OUTPUTS)
         self.tokenizer = open_clip.get_tokenizer(tokenizer_name, context_length=context_length)
         sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
         if token_ids is not None:
@@ -112,6 +109,8 @@ class OpenCLIPTextConditioner(TokenloomModel):
         return tokens, mask, pooled
 
     def encode(self, prompts) -> Condition:
-        """Prompts → a :class:`Condition` with per-token features and mask."""
-        features, mask, _ = self(self.tokenize(prompts).to(self.device))
+        """Prompts → a :class:`Condition`: per-token features and mask, or pooled features (``output``)."""
+        features, mask, pooled = self(self.tokenize(prompts).to(self.device))
+        if self.config.output == "pooled":
+            features, mask = pooled_as_condition_features(pooled)
         return Condition(features=features, mask=mask)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tokenloom.tokens import Tokens
+from tokenloom.tokens import Sequence, Tokens
 
 MIN_MSE = 1e-10
 
@@ -130,4 +130,60 @@ def evaluate_reconstruction(tokenizer, dataset, batch_size: int = 64, progress: 
     return out
 
 
-__all__ = ["code_usage", "evaluate_reconstruction", "psnr", "ssim"]
+def prefix_lengths(length: int) -> list[int]:
+    """``1, 2, 4, ..., length`` (powers of two below ``length``, then ``length`` itself)."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    out, k = [], 1
+    while k < length:
+        out.append(k)
+        k *= 2
+    return out + [length]
+
+
+@torch.no_grad()
+def evaluate_prefixes(tokenizer, dataset, lengths: list[int] | None = None, batch_size: int = 64,
+                      progress: bool = True, device: torch.device | str | None = None) -> dict[int, dict[str, float]]:
+    """PSNR and SSIM of decoding only the first ``k`` tokens, for each ``k`` in ``lengths``.
+
+    For tokenizers with a :class:`~tokenloom.tokens.Sequence` layout (FlexTok-style), whose ``decode`` accepts any
+    prefix. Each image is encoded once (all ``N`` tokens); ``tokens.data[:, :k]`` is decoded for every ``k``.
+
+    Args:
+        lengths: prefix lengths in ``1..N``; None = :func:`prefix_lengths` ``(N)`` = ``1, 2, 4, ..., N``.
+
+    Returns:
+        ``{k: {"psnr", "ssim", "num_images"}}`` (means over images, as :func:`evaluate_reconstruction`).
+    """
+    spec = tokenizer.spec
+    if not isinstance(spec.layout, Sequence):
+        raise ValueError(f"evaluate_prefixes needs a tokenizer with a Sequence layout, got layout {spec.layout}")
+    lengths = prefix_lengths(spec.length) if lengths is None else list(lengths)
+    bad = [k for k in lengths if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= spec.length]
+    if not lengths or bad:
+        raise ValueError(f"lengths must be ints in [1, {spec.length}], got {lengths!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty; nothing to evaluate")
+    was_training = tokenizer.training
+    tokenizer.eval()
+    device = torch.device(device) if device is not None else next(tokenizer.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    psnrs: dict[int, list[Tensor]] = {k: [] for k in lengths}
+    ssims: dict[int, list[Tensor]] = {k: [] for k in lengths}
+    try:
+        for batch in tqdm(loader, desc="prefix reconstruction", disable=not progress):
+            images = _images_of(batch).to(device)
+            tokens: Tokens = tokenizer.encode(images)
+            for k in lengths:
+                recon = tokenizer.decode(Tokens(tokens.data[:, :k], tokens.spec))
+                psnrs[k].append(psnr(recon, images).cpu())
+                ssims[k].append(ssim(recon, images).cpu())
+    finally:
+        tokenizer.train(was_training)
+    return {k: {"psnr": float(torch.cat(psnrs[k]).mean()), "ssim": float(torch.cat(ssims[k]).mean()),
+                "num_images": int(torch.cat(psnrs[k]).numel())} for k in lengths}
+
+
+__all__ = ["code_usage", "evaluate_prefixes", "evaluate_reconstruction", "prefix_lengths", "psnr", "ssim"]

@@ -6,6 +6,7 @@ import torch
 
 from tokenloom.config import SamplingParams
 from tokenloom.generators.condition import Condition
+from tokenloom.kernels.checks import PER_ROW_FIELDS, check_generator
 from tokenloom.modeling import TokenloomModel
 from tokenloom.tokens import Tokens, TokenSpec
 
@@ -45,3 +46,26 @@ class TokenGenerator(TokenloomModel):
             raise TypeError(f"{name} must be a tokenloom.Tokens, got {type(tokens).__name__}")
         if tokens.spec != self.spec:
             raise ValueError(f"{name}.spec {tokens.spec} does not match the generator's spec {self.spec}")
+
+    def check_generate_args(self, cond, params: SamplingParams | None, generator) -> tuple[Condition, SamplingParams]:
+        """The checks every ``generate`` runs before any compute → ``(cond, params)``.
+
+        ``params`` None becomes ``SamplingParams()``; ``cond`` goes through the subclass's ``as_condition``;
+        ``generator`` must be None, one ``torch.Generator`` or a list of one per row; per-row ``SamplingParams``
+        tensors must have one value per row; guidance needs a conditional generator. (Each generator refuses the
+        ``decoding`` values it does not support itself.)
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        cond = self.as_condition(cond)
+        b = cond.batch_size
+        check_generator(generator, b)
+        for name in PER_ROW_FIELDS:
+            value = getattr(params, name)
+            if isinstance(value, torch.Tensor) and value.shape != (b,):
+                raise ValueError(f"SamplingParams.{name} has {value.numel()} per-row values but cond has {b} rows")
+        if params.uses_guidance and self.condition_kind == "none":
+            raise ValueError(f"guidance needs a conditional generator; this one has condition='none' "
+                             f"(guidance_scale={params.guidance_scale})")
+        return cond, params

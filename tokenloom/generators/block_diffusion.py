@@ -76,7 +76,6 @@ from tokenloom.heads import HEADS
 from tokenloom.heads.categorical import CategoricalHead
 from tokenloom.heads.diffusion import DiffusionHead
 from tokenloom.heads.flow import FlowHead
-from tokenloom.kernels.checks import PER_ROW_FIELDS
 from tokenloom.tokens import Grid, Sequence, Tokens, TokenSpec
 
 ROPES = ("2d", "1d")
@@ -414,24 +413,7 @@ class BlockDiffusion(TokenGenerator):
     def _check_generate_args(self, cond, params, generator, decoding) -> tuple[Condition, SamplingParams, int]:
         if decoding is not None:
             raise ValueError(f"decoding must be None for BlockDiffusion, got {decoding!r}")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        cond = self.as_condition(cond)
-        b = cond.batch_size
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != b:
-                raise ValueError(f"generator must be one torch.Generator or a list of {b} (one per row), "
-                                 f"got a list of {len(generator)}")
-            if not all(isinstance(g, torch.Generator) for g in generator):
-                raise TypeError("generator list must hold torch.Generator objects only")
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be None, a torch.Generator or a list of them, "
-                            f"got {type(generator).__name__}")
-        for name in PER_ROW_FIELDS:
-            value = getattr(params, name)
-            if isinstance(value, Tensor) and value.shape != (b,):
-                raise ValueError(f"SamplingParams.{name} has {value.numel()} per-row values but cond has {b} rows")
+        cond, params = self.check_generate_args(cond, params, generator)
         steps = self.default_num_steps if params.num_steps is None else params.num_steps
         if self.spec.kind == "index":
             check_masked_steps(steps, self.block_size)
@@ -441,9 +423,6 @@ class BlockDiffusion(TokenGenerator):
         if params.guidance_schedule.kind == "steps" and len(params.guidance_schedule.values) != total:
             raise ValueError(f"GuidanceSchedule.values has {len(params.guidance_schedule.values)} entries but the "
                              f"generation takes blocks × num_steps = {self.num_blocks} × {steps} = {total} steps")
-        if params.uses_guidance and self.condition_kind == "none":
-            raise ValueError(f"guidance needs a conditional generator; this one has condition='none' "
-                             f"(guidance_scale={params.guidance_scale})")
         return cond, params, steps
 
     @torch.no_grad()

@@ -46,6 +46,10 @@ Guidance: step ``s`` uses ``params.at_step(s, N)``. tokenloom's ``GuidanceSchedu
 ``params.num_steps`` is the number of MAR iterations (default: ``num_steps`` of the config, else ``min(64, L)``);
 a diffusion/flow head's own steps and ``noise_temperature`` are head options (``head_options``).
 
+Inpainting (``generate(..., known=Tokens, known_mask=[B, L])``): generation starts from a partial mask — the
+known positions are visible from the first pass and only the unknown ones are revealed, by the same schedule over
+their count; known tokens come back unchanged.
+
 Randomness: with a list of ``B`` generators, row ``i``'s order, Gumbel noise and head noise come from
 ``generator[i]`` alone, so an image does not depend on its batch neighbours.
 
@@ -81,7 +85,6 @@ from tokenloom.generators.masked_ar_layers import (
     unpatchify,
 )
 from tokenloom.heads import HEADS
-from tokenloom.kernels.checks import PER_ROW_FIELDS
 from tokenloom.tokens import Grid, Sequence, Tokens, TokenSpec
 
 REVEALS = ("order", "confidence")
@@ -489,32 +492,12 @@ class MaskedAR(TokenGenerator):
         if decoding is not None:
             raise ValueError(f"decoding must be None for MaskedAR (it decodes num_steps sets of tokens), "
                              f"got {decoding!r}")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        cond = self.as_condition(cond)
-        b = cond.batch_size
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != b:
-                raise ValueError(f"generator must be one torch.Generator or a list of {b} (one per row), "
-                                 f"got a list of {len(generator)}")
-            if not all(isinstance(g, torch.Generator) for g in generator):
-                raise TypeError("generator list must hold torch.Generator objects only")
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be None, a torch.Generator or a list of them, "
-                            f"got {type(generator).__name__}")
-        for name in PER_ROW_FIELDS:
-            value = getattr(params, name)
-            if isinstance(value, Tensor) and value.shape != (b,):
-                raise ValueError(f"SamplingParams.{name} has {value.numel()} per-row values but cond has {b} rows")
+        cond, params = self.check_generate_args(cond, params, generator)
         steps = self.default_num_steps if params.num_steps is None else params.num_steps
         check_num_steps(steps, self.seq_len)
         if params.guidance_schedule.kind == "steps" and len(params.guidance_schedule.values) != steps:
             raise ValueError(f"GuidanceSchedule.values has {len(params.guidance_schedule.values)} entries but the "
                              f"generation takes num_steps={steps}")
-        if params.uses_guidance and self.condition_kind == "none":
-            raise ValueError(f"guidance needs a conditional generator; this one has condition='none' "
-                             f"(guidance_scale={params.guidance_scale})")
         return cond, params, steps
 
     def _sample_at(self, z: Tensor, z_uncond: Tensor | None, params: SamplingParams, generator, rows: int,
@@ -544,6 +527,9 @@ class MaskedAR(TokenGenerator):
         generator: torch.Generator | list[torch.Generator] | None = None,
         decoding=None,
         progress: bool = False,
+        *,
+        known: Tokens | None = None,
+        known_mask: Tensor | None = None,
     ) -> Tokens:
         """Sample ``Tokens`` in ``params.num_steps`` backbone passes (see the module docstring).
 
@@ -554,18 +540,36 @@ class MaskedAR(TokenGenerator):
             generator: one ``torch.Generator`` or a list of ``B`` (row ``i`` then depends only on its own).
             decoding: must be None.
             progress: show a tqdm bar over the iterations.
+            known, known_mask: inpainting — ``Tokens`` of this spec and ``[B, L]`` bool (True = keep). Generation
+                starts from a partial mask: backbone positions (patches) whose every token is known are visible from
+                the first pass; the others are revealed by MAR's schedule over the ``U`` unknown positions
+                (``num_steps`` is capped at ``U``; every row needs the same ``U``). Known tokens come back unchanged.
         """
         cond, params, steps = self._check_generate_args(cond, params, generator, decoding)
         b, length = cond.batch_size, self.seq_len
-        guided = params.uses_guidance
-        buffer = self.buffer(cond, guided, drop=False)
+        known_data, patch_known = self._check_known(known, known_mask, b)
         kind = self.patch_spec.kind
         tokens = torch.zeros(b, length, self.token_dim, device=self.device,
                              dtype=self.dtype if kind == "continuous" else torch.long)
         mask = torch.ones(b, length, dtype=torch.bool, device=self.device)
+        if patch_known is not None:
+            tokens = torch.where(patch_known[..., None], self.to_patches(known_data).to(tokens.dtype), tokens)
+            mask = ~patch_known
+        unknown = int(mask[0].sum()) if b else 0
+        if unknown == 0:
+            return Tokens(known_data.data.clone(), self.spec)
+        if unknown < steps:
+            steps = unknown
+            if params.guidance_schedule.kind == "steps":
+                raise ValueError(f"GuidanceSchedule.values has {len(params.guidance_schedule.values)} entries but "
+                                 f"only {unknown} positions are unknown, so generation takes {unknown} steps")
+        guided = params.uses_guidance
+        buffer = self.buffer(cond, guided, drop=False)
         confidence = self.config.reveal == "confidence"
         orders = None if confidence else random_orders(generator, b, length, self.device)
-        remaining = masked_after_steps(length, steps)
+        if orders is not None and patch_known is not None:  # unknown positions first, in their random order
+            orders = orders.gather(1, patch_known.gather(1, orders).long().argsort(dim=1, stable=True))
+        remaining = masked_after_steps(unknown, steps)
         for s in tqdm(range(steps), disable=not progress, desc="masked_ar", leave=False):
             x_in, m_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
             z = self.backbone(x_in, m_in, buffer)
@@ -591,7 +595,36 @@ class MaskedAR(TokenGenerator):
                                          b, per_row)
                 tokens[to_pred] = values.to(tokens.dtype)
             mask = mask_next
-        return Tokens(self.from_patches(tokens), self.spec)
+        out = self.from_patches(tokens)
+        if known_data is not None:
+            out = torch.where(known_mask.to(self.device)[..., None], known_data.data.to(out), out)
+        return Tokens(out, self.spec)
+
+    def _check_known(self, known, known_mask, b: int) -> tuple[Tokens | None, Tensor | None]:
+        """Inpainting inputs → ``(known tokens, [B, seq_len] bool: backbone positions whose every token is known)``."""
+        if known is None and known_mask is None:
+            return None, None
+        if known is None or known_mask is None:
+            raise ValueError("known and known_mask go together: pass both (inpainting) or neither")
+        self.check_tokens(known, "known")
+        length = self.spec.length
+        if known.batch_size != b:
+            raise ValueError(f"known has {known.batch_size} rows but cond has {b}")
+        if not isinstance(known_mask, Tensor) or known_mask.dtype != torch.bool or known_mask.shape != (b, length):
+            raise ValueError(f"known_mask must be a bool tensor of shape [{b}, {length}] (True = known), got "
+                             f"{getattr(known_mask, 'dtype', type(known_mask).__name__)} "
+                             f"{tuple(getattr(known_mask, 'shape', ()))}")
+        known_mask = known_mask.to(self.device)
+        p = self.config.patch_size
+        patch_known = known_mask
+        if p > 1:
+            h, w = self.spec.layout.h, self.spec.layout.w
+            patch_known = known_mask.view(b, h // p, p, w // p, p).all(dim=4).all(dim=2).flatten(1)
+        counts = (~patch_known).sum(1)
+        if b and not bool((counts == counts[0]).all()):
+            raise ValueError(f"MaskedAR needs the same number of unknown positions in every row of known_mask, got "
+                             f"{counts.tolist()}; generate rows with different masks separately")
+        return known.to(self.device), patch_known
 
 
 __all__ = ["MaskedAR"]

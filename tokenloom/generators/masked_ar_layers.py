@@ -11,7 +11,7 @@
   (``scipy.stats.truncnorm`` in MAR; here the inverse-CDF draw with torch, so a ``torch.Generator`` seeds it).
 * :func:`row_rand` — ``[B, n]`` uniforms, row ``i`` drawn from ``generator[i]`` alone when a list is given.
 * :func:`repeat_rows` — per-image sampling params and generators → per-token ones (each image's tokens use its
-  values and draw from its generator, in order).
+  values and draw from its generator, in order); the one shared by every family, from ``layers/rows.py``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tokenloom.config import SamplingParams
-from tokenloom.kernels.checks import PER_ROW_FIELDS
+from tokenloom.generators.layers.rows import repeat_rows
 
 
 def patchify(latent: Tensor, patch_size: int) -> Tensor:
@@ -97,21 +96,6 @@ def row_rand(generator, rows: int, n: int, device) -> Tensor:
         return torch.stack([torch.rand(n, generator=g, device=g.device) for g in generator]).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.rand(rows, n, generator=generator, device=gen_device).to(device)
-
-
-def repeat_rows(params: SamplingParams, generator, repeat: int) -> tuple[SamplingParams, object]:
-    """Params and generators of ``B`` rows → of ``B·repeat`` rows, each row repeated in place (per-row tensors
-    ``repeat_interleave``-d, a generator list with each generator repeated, so row ``i``'s draws still come only from
-    ``generator[i]``, in order)."""
-    if repeat == 1:
-        return params, generator
-    changes = {name: getattr(params, name).repeat_interleave(repeat) for name in PER_ROW_FIELDS
-               if isinstance(getattr(params, name), Tensor)}
-    if changes:
-        params = params.replace(**changes)
-    if isinstance(generator, (list, tuple)):
-        generator = [g for g in generator for _ in range(repeat)]
-    return params, generator
 
 
 def random_orders(generator, rows: int, seq_len: int, device) -> Tensor:

@@ -37,6 +37,9 @@ so the model learns to correct earlier mistakes. ``f`` is the tokenizer's contin
 ``latents``; otherwise it is the reconstruction ``f_hat`` of the clean tokens (the latent up to the tokenizer's final
 quantisation error), and scale 0 keeps its clean target.
 
+Zero-shot in/outpainting (``generate(..., known=Tokens, known_mask=[B, L])``, VAR §6): at every scale the known
+tokens are teacher-forced in place of the sampled ones, so the next scale's input holds them.
+
 Infinity coverage: the bitwise head, bitwise self-correction and text conditioning (prefix + pooled adaLN) are
 here; Infinity's cross-attention to the text, its 2D RoPE over scales and its checkpoint format are not.
 """
@@ -59,9 +62,9 @@ from tokenloom.generators.layers.adaln import AdaLNFinalNorm, AdaLNModulation
 from tokenloom.generators.layers.kv_cache import KVCache
 from tokenloom.generators.layers.masks import block_causal_mask, with_key_padding
 from tokenloom.generators.layers.prefix import Prefix, cat_prefixes, make_prefix
+from tokenloom.generators.layers.rows import repeat_rows
 from tokenloom.generators.next_scale_layers import AdaLNScaleBlock
 from tokenloom.heads import HEADS
-from tokenloom.kernels.checks import PER_ROW_FIELDS
 from tokenloom.tokens import Scales, Tokens, TokenSpec
 
 
@@ -503,6 +506,9 @@ class NextScaleAR(TokenGenerator):
         generator: torch.Generator | list[torch.Generator] | None = None,
         decoding=None,
         progress: bool = False,
+        *,
+        known: Tokens | None = None,
+        known_mask: Tensor | None = None,
     ) -> Tokens:
         """Sample ``Tokens`` scale by scale: one cached forward pass per scale, guidance by batch doubling.
 
@@ -513,26 +519,27 @@ class NextScaleAR(TokenGenerator):
             generator: one ``torch.Generator`` or a list of ``B`` (image ``i`` then depends only on its own).
             decoding: must be None (next-scale decoding is already parallel within a scale).
             progress: show a tqdm bar over scales.
+            known, known_mask: in/outpainting (VAR's zero-shot editing) — ``Tokens`` of this spec and ``[B, L]`` bool
+                (True = keep, over every scale). At each scale the known tokens are teacher-forced: they replace the
+                sampled ones before the scale feeds the next, and come back unchanged.
         """
         if decoding is not None:
             raise ValueError(f"decoding must be None for NextScaleAR (all tokens of a scale are drawn at once), "
                              f"got {decoding!r}")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        cond = self.as_condition(cond)
+        cond, params = self.check_generate_args(cond, params, generator)
         b = cond.batch_size
-        if isinstance(generator, (list, tuple)) and len(generator) != b:
-            raise ValueError(f"generator must be one torch.Generator or a list of {b} (one per row), "
-                             f"got a list of {len(generator)}")
-        for name in PER_ROW_FIELDS:
-            value = getattr(params, name)
-            if isinstance(value, Tensor) and value.shape != (b,):
-                raise ValueError(f"SamplingParams.{name} has {value.numel()} per-row values but cond has {b} rows")
         guided = params.uses_guidance
-        if guided and self.condition_kind == "none":
-            raise ValueError(f"guidance needs a conditional generator; this one has condition='none' "
-                             f"(guidance_scale={params.guidance_scale})")
+        if (known is None) != (known_mask is None):
+            raise ValueError("known and known_mask go together: pass both (inpainting) or neither")
+        if known is not None:
+            self.check_tokens(known, "known")
+            if known.batch_size != b or not isinstance(known_mask, Tensor) or known_mask.dtype != torch.bool \
+                    or known_mask.shape != (b, self.spec.length):
+                raise ValueError(f"known must have {b} rows and known_mask must be a bool tensor of shape "
+                                 f"[{b}, {self.spec.length}] (True = known), got {known.batch_size} rows and "
+                                 f"{getattr(known_mask, 'dtype', type(known_mask).__name__)} "
+                                 f"{tuple(getattr(known_mask, 'shape', ()))}")
+            known_mask = known_mask.to(self.device)
         codec = self.codec
         state = self.condition_state(cond, guided, drop=False)
         ada = self.modulations(state.vec)
@@ -548,6 +555,9 @@ class NextScaleAR(TokenGenerator):
             p, gens = repeat_rows(p, generator, sizes[k])
             codes = self.output_head.sample(z[:b].flatten(0, 1), p, gens, z_uncond=z_uncond)
             codes = codes.view(b, sizes[k], -1).to(dtype)
+            if known is not None:  # VAR's masked teacher forcing: known tokens replace the sampled ones
+                at = slice(offsets[k], offsets[k + 1])
+                codes = torch.where(known_mask[:, at, None], known.data[:, at].to(codes), codes)
             out[:, offsets[k]:offsets[k + 1]] = codes
             if k + 1 < len(sizes):
                 f_hat, x_in = codec.next_input(f_hat, k, codes)
@@ -556,18 +566,3 @@ class NextScaleAR(TokenGenerator):
                 if guided:
                     x = torch.cat([x, x])
         return Tokens(out, self.spec)
-
-
-
-def repeat_rows(params: SamplingParams, generator, repeat: int):
-    """Per-image params and generators → per-position ones: each image's ``repeat`` positions use its values and
-    draw from its generator, in order (a list of generators becomes each repeated ``repeat`` times)."""
-    if repeat == 1:
-        return params, generator
-    changes = {name: getattr(params, name).repeat_interleave(repeat) for name in PER_ROW_FIELDS
-               if isinstance(getattr(params, name), Tensor)}
-    if changes:
-        params = params.replace(**changes)
-    if isinstance(generator, (list, tuple)):
-        generator = [g for g in generator for _ in range(repeat)]
-    return params, generator

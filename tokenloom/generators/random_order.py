@@ -75,7 +75,6 @@ from tokenloom.generators.random_order_layers import (
     training_orders,
 )
 from tokenloom.heads import HEADS
-from tokenloom.kernels.checks import PER_ROW_FIELDS, check_generator
 from tokenloom.tokens import Grid, Sequence, Tokens, TokenSpec
 
 ORDER_SIGNALS = ("instruction", "target_aware")
@@ -570,20 +569,7 @@ class RandomOrderAR(TokenGenerator):
         if decoding is not None:
             raise ValueError(f"decoding must be None for RandomOrderAR (parallel decoding is set by "
                              f"params.num_steps / tokens_per_step), got {decoding!r}")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        cond = self.as_condition(cond)
-        b = cond.batch_size
-        check_generator(generator, b)
-        for name in PER_ROW_FIELDS:
-            value = getattr(params, name)
-            if isinstance(value, Tensor) and value.shape != (b,):
-                raise ValueError(f"SamplingParams.{name} has {value.numel()} per-row values but cond has {b} rows")
-        if params.uses_guidance and self.condition_kind == "none":
-            raise ValueError(f"guidance needs a conditional generator; this one has condition='none' "
-                             f"(guidance_scale={params.guidance_scale})")
-        return cond, params
+        return self.check_generate_args(cond, params, generator)
 
     def _schedule(self, remaining: int, params: SamplingParams, tokens_per_step) -> list[int]:
         length = self.spec.length
@@ -632,13 +618,20 @@ class RandomOrderAR(TokenGenerator):
                 decoding steps ``S`` (None: the config's ``num_steps``, else one token per step); a diffusion/flow
                 head's own steps are head options.
             generator: one ``torch.Generator`` or a list of ``B`` (row ``i``'s order and tokens depend only on its own).
-            decoding: must be None.
+            decoding: None (RandAR's parallel decoding) or a ``tokenloom.generators.decoding`` algorithm (SJD,
+                LANTERN, GroupedSD), which samples the one-token-per-step joint in the row's ``order``.
             progress: show a tqdm bar over the steps.
             known, known_mask: inpainting — ``Tokens`` of this spec and ``[B, L]`` bool (True = keep); known tokens are
                 ordered first and come back unchanged.
             order: ``"random"``, ``"raster"`` or ``[B, L]`` permutations (None: the config's ``inference_order``).
             tokens_per_step: explicit tokens decoded per step (sums to the tokens to generate); overrides num_steps.
         """
+        if decoding is not None:  # speculative decoders: tokenloom.generators.decoding
+            from tokenloom.generators.decoding import run_decoding
+
+            if known is not None or known_mask is not None or tokens_per_step is not None:
+                raise ValueError(f"known/known_mask/tokens_per_step are not supported with decoding={decoding!r}")
+            return run_decoding(decoding, self, cond, params, generator, order=order)
         cond, params = self._check_generate_args(cond, params, generator, decoding)
         b, length, channels = cond.batch_size, self.spec.length, self.spec.channels
         known_data, known_mask = self._check_known(known, known_mask, b)

@@ -12,7 +12,7 @@
 * :func:`generation_orders` — per-row random orders drawn from per-row generators (row ``i`` depends only on
   ``generator[i]``), optionally with known positions moved to the front (inpainting / outpainting).
 * :func:`per_token` — sampling params and generators of ``B`` rows repeated for the ``k`` tokens a row decodes in one
-  step, so each row's draws still come only from its own generator.
+  step, so each row's draws still come only from its own generator (``layers/rows.py``'s ``repeat_rows``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from tokenloom.config import SamplingParams
+from tokenloom.generators.layers.rows import repeat_rows
 from tokenloom.kernels import row_uniforms
-from tokenloom.kernels.checks import PER_ROW_FIELDS
 
 
 def randar_tokens_per_step(length: int, num_steps: int) -> list[int]:
@@ -111,17 +110,7 @@ def known_first(orders: Tensor, known_mask: Tensor) -> Tensor:
     return orders.gather(1, unknown_in_order.argsort(dim=-1, stable=True))
 
 
-def per_token(params: SamplingParams, generator, k: int) -> tuple[SamplingParams, object]:
-    """Params and generators of ``B`` rows → of ``B·k`` rows (row ``i``'s ``k`` tokens in place, in order)."""
-    if k == 1:
-        return params, generator
-    changes = {name: getattr(params, name).repeat_interleave(k) for name in PER_ROW_FIELDS
-               if isinstance(getattr(params, name), Tensor)}
-    if changes:
-        params = params.replace(**changes)
-    if isinstance(generator, (list, tuple)):
-        generator = [g for g in generator for _ in range(k)]
-    return params, generator
+per_token = repeat_rows  # B rows → B·k rows for the k tokens a row decodes in one step
 
 
 def interleave(a: Tensor, b: Tensor) -> Tensor:

@@ -14,7 +14,10 @@ VAR key                                     tokenloom key
 ``quantize.ema_vocab_hit_SV``               dropped (a training statistic)
 ==========================================  ==============================================
 
-The non-shared variant always uses VAR's ``1/(2n)`` ticks, so its scale → φ map is passed as ``phi_index``.
+The non-shared variant (``PhiNonShared``, ``n = default_qresi_counts or len(v_patch_nums)`` convs) picks its conv
+with the same tick rule as the partially shared one (``1/(3n)`` ticks when ``n = 4``, else ``1/(2n)``), so its
+scale → φ map is :func:`~tokenloom.tokenizers.quantizers.multiscale.phi_index_per_scale`; it is passed as
+``phi_index`` to make it explicit.
 ``using_znorm=True`` (cosine search but raw-row decoding) is not supported. VAR's ``idxBl_to_img`` clamps the
 decoded image to ``[-1, 1]``; our ``decode`` does not (clamp afterwards to match it).
 """
@@ -25,11 +28,10 @@ import json
 import os
 import re
 
-import numpy as np
 import torch
 
 from tokenloom.tokenizers.multiscale import MultiScaleVQTokenizer
-from tokenloom.tokenizers.quantizers.multiscale import PHI_RATIO_EPS
+from tokenloom.tokenizers.quantizers.multiscale import PHI_RATIO_EPS, phi_index_per_scale
 
 # VAR's VQVAE constructor defaults and the ddconfig it hard-codes (the released checkpoint's sizes).
 VAR_VQVAE_DEFAULTS = {
@@ -52,9 +54,7 @@ def _phi_layout(vqvae: dict) -> tuple[int, str, list[int] | None]:
         return 1, "shared", None
     if share == 0:
         n = vqvae["default_qresi_counts"] or num_scales
-        ticks = np.linspace(1 / 2 / n, 1 - 1 / 2 / n, n)
-        at = [k / (num_scales - 1) if num_scales > 1 else 0.0 for k in range(num_scales)]
-        return n, "non_shared", [int(np.argmin(np.abs(ticks - a))) for a in at]
+        return n, "non_shared", phi_index_per_scale(num_scales, n)
     return share, "partially_shared", None
 
 

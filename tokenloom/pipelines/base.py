@@ -8,6 +8,7 @@ checkpoint samples with its reference settings unless the caller overrides them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,6 +36,7 @@ class TokenPipelineOutput(BaseOutput):
 
     images: list | np.ndarray | Tensor | None
     tokens: Tokens | None = None
+    known_mask: Tensor | None = None  # editing tasks: [B, L] bool, True where a token was kept from the input
 
 
 def params_to_dict(params: SamplingParams) -> dict:
@@ -77,11 +79,19 @@ def row_generators(generator, rows: int, device) -> list[torch.Generator]:
 
 
 class TokenPipeline(DiffusionPipeline):
-    """Base of tokenloom pipelines; subclasses define ``__call__`` for their task."""
+    """Base of tokenloom pipelines; subclasses define ``__call__`` for their task.
+
+    Device and precision: ``.to(device, dtype)`` moves and casts every component (diffusers');
+    :meth:`enable_autocast` runs the components under ``torch.autocast`` (bf16/fp16 where the device supports it);
+    ``enable_model_cpu_offload(device=...)`` works as in diffusers: each component is moved to the execution
+    device when the pipeline calls it (our components are called through ``encode``/``generate``/``decode``, not
+    ``forward``, so the pipeline triggers accelerate's hook itself; see :meth:`component`).
+    """
 
     task: str = ""
     model_cpu_offload_seq = "conditioner->token_generator->image_tokenizer"
     _optional_components = ["conditioner"]
+    autocast_dtype: torch.dtype | None = None
 
     def register_modules(self, **kwargs):
         """As diffusers, but tokenloom components are recorded as ``["tokenloom.components", ClassName]``."""
@@ -105,11 +115,45 @@ class TokenPipeline(DiffusionPipeline):
                 kwargs.setdefault("trust_remote_code", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-    def save_pretrained(self, save_directory, **kwargs):
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """A ``cls`` pipeline sharing ``pipeline``'s components (no copy) and settings, e.g. an inpainting pipeline
+        from a class-to-image folder: ``InpaintingPipeline.from_pipe(tokenloom.load(folder))``.
+
+        As diffusers' ``from_pipe``, whose exact-class match of components against ``__init__`` type hints cannot
+        accept tokenloom's interchangeable tokenizers and generators. ``kwargs`` replace components or
+        ``sampling_defaults`` / ``card``.
+        """
+        if not isinstance(pipeline, TokenPipeline):
+            raise TypeError(f"pipeline must be a tokenloom pipeline, got {type(pipeline).__name__}")
+        parts = {name: getattr(pipeline, name, None) for name in ("image_tokenizer", "token_generator", "conditioner")}
+        parts["sampling_defaults"] = pipeline.config.get("sampling_defaults")
+        parts["card"] = pipeline.config.get("card")
+        unknown = sorted(set(kwargs) - set(parts))
+        if unknown:
+            raise TypeError(f"from_pipe got unknown arguments {unknown}; allowed: {sorted(parts)}")
+        parts.update(kwargs)
+        new = cls(**parts)
+        new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+        return new
+
+    def save_pretrained(self, save_directory, card: dict | None = None, **kwargs):
         """As diffusers, plus a one-line ``tokenloom_pipeline.py`` shim so that the generic
-        ``DiffusionPipeline.from_pretrained(folder)`` finds this class (``_class_name`` names the shim)."""
+        ``DiffusionPipeline.from_pretrained(folder)`` finds this class (``_class_name`` names the shim), and a model
+        card ``README.md``.
+
+        Args:
+            card: model-card fields (``recipe``, ``data``, ``metrics``, ``licence``, ``description``; see
+                :mod:`tokenloom.pipelines.model_card`), merged over the pipeline's own ``card`` config and kept in
+                ``model_index.json``; fields missing from both are written as ``unknown``.
+        """
+        from tokenloom.pipelines.model_card import check_card, render_card
+
+        merged = {**check_card(self.config.get("card")), **check_card(card)}
+        self.register_to_config(card=merged or None)
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
+        (folder / "README.md").write_text(render_card(self, merged, folder.name))
         cls = type(self)
         (folder / f"{SHIM}.py").write_text(f"{SHIM_DOC}\nfrom {cls.__module__} import {cls.__name__}  # noqa: F401\n")
         index_path = folder / "model_index.json"
@@ -117,7 +161,7 @@ class TokenPipeline(DiffusionPipeline):
         index["_class_name"] = [SHIM, cls.__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    def _register(self, image_tokenizer, token_generator, conditioner=None, sampling_defaults=None):
+    def _register(self, image_tokenizer, token_generator, conditioner=None, sampling_defaults=None, card=None):
         if image_tokenizer is not None and token_generator is not None:
             if image_tokenizer.spec != token_generator.spec:
                 raise ValueError(f"image_tokenizer.spec {image_tokenizer.spec} does not match "
@@ -129,6 +173,61 @@ class TokenPipeline(DiffusionPipeline):
                               conditioner=conditioner)
         defaults = params_to_dict(params_from_dict(sampling_defaults))  # validates
         self.register_to_config(sampling_defaults=defaults)
+        if card is not None:
+            from tokenloom.pipelines.model_card import check_card
+
+            self.register_to_config(card=check_card(card))
+        if token_generator is not None and image_tokenizer is not None and hasattr(token_generator, "bind_tokenizer"):
+            # a next-scale generator calls its tokenizer at every scale: offloading keeps the tokenizer on the
+            # execution device rather than swapping the two models at every scale
+            self.model_cpu_offload_seq = "conditioner->token_generator"
+            self._exclude_from_cpu_offload = ["image_tokenizer"]
+
+    # ---------------------------------------------------------------- device, precision, offload
+    def enable_autocast(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Run the components under ``torch.autocast(device_type, dtype)`` (weights keep their dtype).
+
+        ``dtype``: ``torch.bfloat16`` or ``torch.float16``; refused where the execution device cannot autocast
+        to it (CUDA without bf16 support; devices without autocast).
+        """
+        self.autocast_dtype = check_autocast(self._execution_device, dtype)
+
+    def disable_autocast(self) -> None:
+        self.autocast_dtype = None
+
+    def autocast(self):
+        """The autocast context of :meth:`enable_autocast` (a no-op context when it is off)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = self._execution_device
+        return torch.autocast(device_type=device.type, dtype=check_autocast(device, self.autocast_dtype))
+
+    def component(self, name: str):
+        """Component ``name``, moved to the execution device first when model CPU offload is on.
+
+        diffusers' offload hooks fire on ``forward``; tokenloom components are called through ``encode``,
+        ``generate`` and ``decode``, so the pipeline runs the hook's ``pre_forward`` itself (which also offloads
+        the previous model of ``model_cpu_offload_seq``).
+        """
+        module = getattr(self, name)
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and callable(getattr(hook, "pre_forward", None)):
+            hook.pre_forward(module)
+        return module
+
+    def run_generator(self, cond, params: SamplingParams, gens, decoding=None, **kwargs) -> Tokens:
+        """``token_generator.generate`` on the execution device, under :meth:`autocast`, with the progress bar."""
+        generator = self.component("token_generator")
+        with self.autocast():
+            return generator.generate(cond, params, generator=gens, decoding=decoding, progress=self.show_progress,
+                                      **kwargs)
+
+    def encode_images(self, images: Tensor) -> Tokens:
+        """``images: [B, 3, H, W]`` in ``[-1, 1]`` → the image tokenizer's tokens (execution device, autocast)."""
+        tokenizer = self.component("image_tokenizer")
+        dtype = next(tokenizer.parameters()).dtype
+        with torch.no_grad(), self.autocast():
+            return tokenizer.encode(images.to(self._execution_device, dtype))
 
     def sampling_params(self, sampling_params: SamplingParams | None = None, **overrides) -> SamplingParams:
         """The folder's default settings, replaced by ``sampling_params`` and then by non-None overrides."""
@@ -155,18 +254,36 @@ class TokenPipeline(DiffusionPipeline):
     def show_progress(self) -> bool:
         return not getattr(self, "_progress_bar_config", {}).get("disable", False)
 
-    def tokens_to_output(self, tokens: Tokens, output_type: str, return_dict: bool):
-        """Decode ``tokens`` and format them as ``output_type``."""
+    def tokens_to_output(self, tokens: Tokens, output_type: str, return_dict: bool, known_mask: Tensor | None = None):
+        """Decode ``tokens`` and format them as ``output_type`` (then offloaded models go back to the CPU)."""
         if output_type == "tokens":
-            out = TokenPipelineOutput(images=None, tokens=tokens)
+            self.maybe_free_model_hooks()
+            out = TokenPipelineOutput(images=None, tokens=tokens, known_mask=known_mask)
             return out if return_dict else (None, tokens)
-        with torch.no_grad():
-            images = self.image_tokenizer.decode(tokens)
+        tokenizer = self.component("image_tokenizer")
+        with torch.no_grad(), self.autocast():
+            images = tokenizer.decode(tokens.to(self._execution_device))
+        self.maybe_free_model_hooks()
         images = ((images.float() + 1) / 2).clamp(0, 1).cpu()
         if output_type == "np":
             images = images.permute(0, 2, 3, 1).numpy()
         elif output_type == "pil":
             arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
             images = [Image.fromarray(a) for a in arr]
-        out = TokenPipelineOutput(images=images, tokens=tokens)
+        out = TokenPipelineOutput(images=images, tokens=tokens, known_mask=known_mask)
         return out if return_dict else (images, tokens)
+
+
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_autocast(device: torch.device, dtype) -> torch.dtype:
+    """``dtype`` if ``torch.autocast`` on ``device`` supports it, else a ValueError naming both."""
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast dtype must be one of {AUTOCAST_DTYPES}, got {dtype!r}")
+    device = torch.device(device)
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(f"torch.autocast is not available on device {device.type!r}")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"autocast dtype {dtype} is not supported by this GPU; use torch.float16")
+    return dtype

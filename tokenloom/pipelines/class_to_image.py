@@ -5,23 +5,11 @@ from __future__ import annotations
 import torch
 
 from tokenloom.config import GuidanceSchedule, SamplingParams
-from tokenloom.generators.condition import Condition
 from tokenloom.pipelines.base import TokenPipeline, row_generators
+from tokenloom.pipelines.conditions import check_class_labels, prepare_condition
 from tokenloom.pipelines.registry import register_pipeline
 
-
-def check_class_labels(class_labels, num_classes: int) -> list[int]:
-    labels = [class_labels] if isinstance(class_labels, int) and not isinstance(class_labels, bool) \
-        else class_labels
-    if isinstance(labels, torch.Tensor):
-        labels = labels.tolist()
-    if not isinstance(labels, (list, tuple)) or not labels \
-            or any(isinstance(x, bool) or not isinstance(x, int) for x in labels):
-        raise TypeError(f"class_labels must be an int or a non-empty list of ints, got {class_labels!r}")
-    bad = [x for x in labels if not 0 <= x < num_classes]
-    if bad:
-        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got {bad[0]}")
-    return list(labels)
+__all__ = ["ClassToImagePipeline", "check_class_labels"]
 
 
 @register_pipeline("class-to-image")
@@ -30,9 +18,10 @@ class ClassToImagePipeline(TokenPipeline):
 
     task = "class-to-image"
 
-    def __init__(self, image_tokenizer, token_generator, conditioner=None, sampling_defaults: dict | None = None):
+    def __init__(self, image_tokenizer, token_generator, conditioner=None, sampling_defaults: dict | None = None,
+                 card: dict | None = None):
         super().__init__()
-        self._register(image_tokenizer, token_generator, conditioner, sampling_defaults)
+        self._register(image_tokenizer, token_generator, conditioner, sampling_defaults, card)
 
     @torch.no_grad()
     def __call__(
@@ -69,12 +58,13 @@ class ClassToImagePipeline(TokenPipeline):
         """
         n = self.check_count(num_images_per_prompt)
         output_type = self.check_output_type(output_type)
-        labels = check_class_labels(class_labels, self.token_generator.config.num_classes)
+        if class_labels is None:
+            raise TypeError("class_labels must be an int or a non-empty list of ints, got None")
+        count, make = prepare_condition(self, class_labels=class_labels)
         params = self.sampling_params(sampling_params, guidance_scale=guidance_scale,
                                       guidance_schedule=guidance_schedule, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, num_steps=num_steps)
-        labels_t = torch.tensor(labels, device=self.device).repeat_interleave(n)
-        gens = row_generators(generator, len(labels_t), "cpu")
-        tokens = self.token_generator.generate(Condition(labels=labels_t), params, generator=gens,
-                                               decoding=decoding, progress=self.show_progress)
+        rows = torch.arange(count).repeat_interleave(n)
+        gens = row_generators(generator, len(rows), "cpu")
+        tokens = self.run_generator(make(rows), params, gens, decoding)
         return self.tokens_to_output(tokens, output_type, return_dict)

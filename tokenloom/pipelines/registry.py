@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 _TASKS: dict[str, type] = {}
-_MODULES = ("class_to_image", "text_to_image")
+_MODULES = ("class_to_image", "text_to_image", "unconditional", "reconstruction", "inpainting", "variation")
 
 
 def register_pipeline(task: str):

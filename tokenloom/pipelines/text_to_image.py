@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tokenloom.conditioning.openclip_text import check_prompts
 from tokenloom.config import GuidanceSchedule, SamplingParams
-from tokenloom.generators.condition import Condition
 from tokenloom.pipelines.base import TokenPipeline, row_generators
+from tokenloom.pipelines.conditions import prepare_condition
 from tokenloom.pipelines.registry import register_pipeline
 
 
@@ -18,9 +17,10 @@ class TextToImagePipeline(TokenPipeline):
     task = "text-to-image"
     _optional_components = []
 
-    def __init__(self, image_tokenizer, token_generator, conditioner, sampling_defaults: dict | None = None):
+    def __init__(self, image_tokenizer, token_generator, conditioner, sampling_defaults: dict | None = None,
+                 card: dict | None = None):
         super().__init__()
-        self._register(image_tokenizer, token_generator, conditioner, sampling_defaults)
+        self._register(image_tokenizer, token_generator, conditioner, sampling_defaults, card)
 
     @torch.no_grad()
     def __call__(
@@ -59,27 +59,16 @@ class TextToImagePipeline(TokenPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"tokens"``.
             return_dict: return a :class:`TokenPipelineOutput` (else a tuple ``(images, tokens)``).
         """
-        prompts = check_prompts(prompt)
+        from tokenloom.conditioning.openclip_text import check_prompts
+
+        check_prompts(prompt)  # a type/emptiness error names ``prompt`` before anything else
         n = self.check_count(num_images_per_prompt)
         output_type = self.check_output_type(output_type)
-        negatives = None
-        if negative_prompt is not None:
-            negatives = check_prompts(negative_prompt, "negative_prompt")
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt must be one string or one per prompt ({len(prompts)}), "
-                                 f"got {len(negatives)}")
+        count, make = prepare_condition(self, prompt=prompt, negative_prompt=negative_prompt)
         params = self.sampling_params(sampling_params, guidance_scale=guidance_scale,
                                       guidance_schedule=guidance_schedule, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, num_steps=num_steps)
-        rows = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
-        cond = self.conditioner.encode(prompts).select(rows)
-        if negatives is not None:
-            neg = self.conditioner.encode(negatives).select(rows)
-            cond = Condition(features=cond.features, mask=cond.mask, uncond_features=neg.features,
-                             uncond_mask=neg.mask)
+        rows = torch.arange(count).repeat_interleave(n)
         gens = row_generators(generator, len(rows), "cpu")
-        tokens = self.token_generator.generate(cond, params, generator=gens, decoding=decoding,
-                                               progress=self.show_progress)
+        tokens = self.run_generator(make(rows), params, gens, decoding)
         return self.tokens_to_output(tokens, output_type, return_dict)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from tokenloom.training.config_schema import RecipeLoader, apply_override  # noqa: F401  (apply_override: for scripts)
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -14,7 +16,7 @@ def load_recipe(relative: str) -> dict:
     path = CONFIGS / relative
     if not path.exists():
         raise ValueError(f"recipe {relative!r} not found under {CONFIGS} (recipes ship with the repository)")
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=RecipeLoader)
 
 
 def train_shapes_text_to_image(output_dir, minutes: float = 9.0, progress: bool = True):
@@ -28,15 +30,3 @@ def train_shapes_text_to_image(output_dir, minutes: float = 9.0, progress: bool 
     tok_train["max_minutes"] *= scale
     cfg["train"]["max_minutes"] *= scale
     return train_text_to_image(cfg, str(output_dir), progress=progress)
-
-
-def apply_override(cfg: dict, assignment: str) -> None:
-    """``"train.max_steps=200"`` → ``cfg["train"]["max_steps"] = 200`` (the value parsed as YAML)."""
-    if "=" not in assignment:
-        raise ValueError(f"an override must look like key.sub=value, got {assignment!r}")
-    key, value = assignment.split("=", 1)
-    *parents, leaf = key.split(".")
-    node = cfg
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = yaml.safe_load(value)

@@ -1,0 +1,59 @@
+"""The text-to-image model that ships inside the package: it loads with no model argument and generates, offline,
+deterministically; and ``python -m tokenloom.demo`` writes its PNGs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tokenloom
+from tokenloom.pipelines.registry import default_model
+
+ASSET = Path(tokenloom.__file__).resolve().parent / "assets" / "default" / "text-to-image"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    if not (ASSET / "model_index.json").exists():
+        pytest.fail(f"the packaged default text-to-image model is missing: {ASSET}")
+    p = tokenloom.pipeline("text-to-image")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_default_is_the_packaged_folder(monkeypatch):
+    monkeypatch.delenv("TOKENLOOM_DEFAULT_MODEL", raising=False)
+    assert default_model("text-to-image") == ASSET
+
+
+def test_package_size_and_safetensors_only():
+    files = [p for p in ASSET.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 3
+
+
+def test_generates_one_image_same_seed_same_image(pipe):
+    out = pipe("a green triangle", generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.images.shape == (1, 3, 32, 32)
+    again = pipe("a green triangle", generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(out.images, again.images)
+    other = pipe("a green triangle", generator=torch.Generator().manual_seed(1), output_type="pt")
+    assert not torch.equal(out.tokens.data, other.tokens.data)
+
+
+def test_pil_output(pipe):
+    image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert np.asarray(image).max() > 100  # something was drawn on the black background
+
+
+def test_demo_writes_grid(tmp_path, capsys):
+    from tokenloom import demo
+
+    paths = demo.main(["--out", str(tmp_path), "--per-prompt", "1"])
+    assert len(paths) == len(demo.PROMPTS) + 1
+    assert all(Path(p).is_file() for p in paths)
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "grid.png") in printed
