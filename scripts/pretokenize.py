@@ -50,14 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.condition == "text":
         if args.conditioner is None:
             parser.error("--condition text needs --conditioner DIR")
-        from tokenloom.conditioning.openclip_text import OpenCLIPTextConditioner
+        from tokenloom import conditioning
 
-        conditioner = OpenCLIPTextConditioner.from_pretrained(args.conditioner).eval()
+        conditioner = conditioning.CONDITIONERS.load(args.conditioner).eval()
 
         def text_encoder(captions):
             with torch.no_grad():
-                features, mask, _ = conditioner(conditioner.tokenize(captions))
-            return features, mask
+                cond = conditioner.encode(captions)
+            return cond.features, cond.mask
 
     index = write_token_shards(tokenizer, dataset, args.output, condition=args.condition, shard_size=args.shard_size,
                                batch_size=args.batch_size, text_encoder=text_encoder, progress=not args.no_progress,

@@ -206,3 +206,28 @@ def test_pretokenize_script_round_trip_and_generator_training_from_shards(tmp_pa
     with pytest.raises(ValueError, match="unfinished write"):
         TokenShardDataset(str(tmp_path / "shards"))
     np.testing.assert_equal(len(os.listdir(tmp_path / "shards")), 4)
+
+
+def test_pretokenize_script_with_text_features_from_any_conditioner_folder(tmp_path):
+    from pipeline_tiny import tiny_text_conditioner
+
+    from tokenloom.data.token_shards import TokenShardDataset
+    from tokenloom.tokenizers import build
+
+    torch.manual_seed(0)
+    tok = build("vq", image_size=32, ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, norm_groups=4,
+                codebook_size=32, codebook_dim=4).eval()
+    tok.save_pretrained(tmp_path / "tok")
+    conditioner = tiny_text_conditioner()
+    conditioner.save_pretrained(tmp_path / "cond")
+    script = runpy.run_path(str(ROOT / "scripts" / "pretokenize.py"))["main"]
+    script(["--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "shards"), "--condition", "text",
+            "--conditioner", str(tmp_path / "cond"), "data.name=shapes", "data.num_samples=6", "--no-progress"])
+    shards = TokenShardDataset(str(tmp_path / "shards"))
+    data = build_dataset("shapes", num_samples=6)
+    want = conditioner.encode([data[i]["caption"] for i in range(6)])
+    item = shards[5]
+    assert torch.allclose(item[1], want.features[5], atol=1e-6)
+    with pytest.raises(ValueError, match="not a registered conditioner class"):
+        script(["--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "s2"), "--condition", "text",
+                "--conditioner", str(tmp_path / "tok"), "data.name=shapes", "data.num_samples=6"])

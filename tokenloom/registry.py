@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
+import os
 import pkgutil
 
 
@@ -53,3 +55,17 @@ class Registry:
 
     def build(self, name: str, **config):
         return self.get(name)(**config)
+
+    def load(self, path: str, **kwargs):
+        """A saved folder → ``from_pretrained`` of the registered class its ``config.json`` names (``_class_name``)."""
+        config = os.path.join(path, "config.json")
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"{self.what} folder {path!r} has no config.json")
+        with open(config) as f:
+            class_name = json.load(f).get("_class_name")
+        self._scan()
+        classes = {cls.__name__: cls for cls in self._classes.values()}
+        if class_name not in classes:
+            raise ValueError(f"{self.what} folder {path!r} holds a {class_name!r}, not a registered {self.what} "
+                             f"class ({sorted(classes)})")
+        return classes[class_name].from_pretrained(path, **kwargs)

@@ -24,7 +24,6 @@ still ends at the low learning rate.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -185,13 +184,7 @@ def load_tokenizer(path: str):
     """A saved tokenizer folder → the registered tokenizer class it names (``config.json``'s ``_class_name``)."""
     from tokenloom import tokenizers
 
-    with open(os.path.join(path, "config.json")) as f:
-        class_name = json.load(f).get("_class_name")
-    classes = {tokenizers.TOKENIZERS.get(n).__name__: tokenizers.TOKENIZERS.get(n) for n in tokenizers.available()}
-    if class_name not in classes:
-        raise ValueError(f"tokenizer folder {path} holds a {class_name!r}, not a registered tokenizer class "
-                         f"({sorted(classes)})")
-    return classes[class_name].from_pretrained(path)
+    return tokenizers.TOKENIZERS.load(path)
 
 
 def train_from_config(cfg: dict, output_dir: str | None = None, progress: bool = True) -> dict:

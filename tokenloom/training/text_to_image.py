@@ -97,7 +97,7 @@ def _components(cfg: dict, captions: list[str], work_dir: str, progress: bool):
     tokenizer = _tokenizer(dict(cfg["tokenizer"]), work_dir, progress).eval()
     conditioner = OpenCLIPTextConditioner.for_captions(captions, **cfg["conditioner"])
     generator = generators.build(gen_cfg.pop("name"), token_spec=tokenizer.spec.to_dict(), condition="text",
-                                 cond_dim=conditioner.feature_dim, cond_len=conditioner.config.context_length,
+                                 cond_dim=conditioner.feature_dim, cond_len=conditioner.feature_length,
                                  **gen_cfg)
     return tokenizer, conditioner, generator
 
