@@ -22,8 +22,8 @@ PY=${PYTHON:-python}
 if [ ! -f "$OUT/tokenizer/config.json" ]; then
   $PY scripts/train_tokenizer.py --config configs/tokenizer/vq_shapes.yaml --output-dir "$OUT/tokenizer" --no-progress
 fi
-$PY scripts/train_text_to_image.py configs/pipeline/shapes_default.yaml --output-dir "$OUT/model" \
-    --set tokenizer.path="$OUT/tokenizer" --no-progress
+$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default.yaml --output-dir "$OUT/model" \
+    tokenizer.path="$OUT/tokenizer" --no-progress
 $PY scripts/make_geneval_prompts.py --out "$OUT/prompts_heldout.jsonl" --seed 0 --per-category 100
 $PY scripts/generate_geneval.py --model "$OUT/model" --prompts "$OUT/prompts_heldout.jsonl" \
     --outdir "$OUT/geneval_heldout" --n-samples 4

@@ -63,3 +63,20 @@ def test_bad_round_settings_and_init_from(tokenizer_dir, tmp_path):
     cfg["generator"]["init_from"] = str(tmp_path / "missing")
     with pytest.raises(ValueError, match="init_from"):
         train_text_to_image(cfg, str(tmp_path / "y"), progress=False)
+
+
+def test_script_takes_config_and_dot_list_overrides(tokenizer_dir, tmp_path):
+    import runpy
+    from pathlib import Path
+
+    import yaml
+
+    cfg = recipe(tokenizer_dir, max_steps=50)
+    del cfg["train"]["progress"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
+    main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "train_text_to_image.py"))["main"]
+    main(["--config", str(tmp_path / "r.yaml"), "train.max_steps=2", "--output-dir", str(tmp_path / "out"),
+          "--no-progress"])
+    assert json.loads((tmp_path / "out" / "train_log.json").read_text())["steps"] == 2
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "r.yaml"), "train.max_steps", "--output-dir", str(tmp_path / "o2")])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from tokenloom.training.config_schema import RecipeLoader, apply_override  # noqa: F401  (apply_override: for scripts)
+from tokenloom.training.config_schema import RecipeLoader
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
