@@ -4,14 +4,16 @@
 * :class:`LANTERN` — SJD with latent-neighbourhood relaxed acceptance; each token within TV ``delta`` of the model.
 * :class:`GroupedSD` — SJD with dynamic-group relaxed acceptance (GSD); each token within TV ``delta``.
 * :class:`ZipAR` — next-set decoding of raster grids (rows in parallel behind a window).
-
-Continuous speculative decoding (diffusion/flow heads) is not implemented.
+* :class:`ContinuousSD` — speculative decoding of continuous tokens with a draft model; exact for heads with a
+  density (``"gaussian"``); diffusion/flow heads (trajectory densities) are not implemented.
 """
 
 from tokenloom.generators.decoding.base import Decoding, GridTarget, OrderedTarget, run_decoding
+from tokenloom.generators.decoding.continuous_sd import ContinuousSD
 from tokenloom.generators.decoding.grouped import GroupedSD
 from tokenloom.generators.decoding.lantern import LANTERN
 from tokenloom.generators.decoding.sjd import SJD
 from tokenloom.generators.decoding.zipar import ZipAR
 
-__all__ = ["Decoding", "GridTarget", "GroupedSD", "LANTERN", "OrderedTarget", "SJD", "ZipAR", "run_decoding"]
+__all__ = ["ContinuousSD", "Decoding", "GridTarget", "GroupedSD", "LANTERN", "OrderedTarget", "SJD", "ZipAR",
+           "run_decoding"]
