@@ -16,7 +16,8 @@ CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a white 
 NUM_CLASSES = 5
 
 
-def randomize(model, seed: int = 0):
+def randomize(model, seed: int = 0, scale: float = 1.0):
+    """Visible random weights (the default init zeroes output layers); ``scale`` multiplies the matrices."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -26,7 +27,7 @@ def randomize(model, seed: int = 0):
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
             elif p.dim() == 2 and "embedding" not in name and "null" not in name:
-                p.copy_(noise / p.shape[1] ** 0.5)
+                p.copy_(scale * noise / p.shape[1] ** 0.5)
             else:
                 p.copy_(noise)
     return model.eval()

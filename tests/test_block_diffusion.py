@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from pipeline_tiny import randomize
 from scipy.stats import chisquare
 
 from tokenloom import generators, kernels
@@ -46,20 +47,7 @@ def make(kind: str = "index", condition: str = "class", block_size: int = 4, see
     model = generators.build("block_diffusion", token_spec=spec.to_dict(), block_size=block_size, width=32, depth=2,
                              num_heads=4, multiple_of=16, condition=condition, head=HEAD[kind],
                              head_options=HEAD_OPTIONS[kind], **{**extra, **kw})
-    if randomise:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                noise = torch.randn(p.shape, generator=g)
-                if "norm" in name:
-                    p.copy_(1.0 + 0.2 * noise)
-                elif name.endswith("bias"):
-                    p.copy_(0.1 * noise)
-                elif p.dim() == 2 and "embedding" not in name and "null" not in name:
-                    p.copy_(noise / p.shape[1] ** 0.5)
-                else:
-                    p.copy_(noise)
-    return model.eval()
+    return randomize(model, seed) if randomise else model.eval()
 
 
 def cond_for(condition: str, b: int = 3, seed: int = 0) -> Condition:

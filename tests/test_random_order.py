@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from pipeline_tiny import randomize
 from scipy.stats import chisquare
 
 from tokenloom import generators
@@ -28,21 +29,6 @@ L = SPEC.length
 DIFFUSION = {"depth": 1, "mlp_width": 32, "num_sampling_steps": 8, "clip_denoised": 3.0}
 
 
-def randomize(model, seed: int = 0):
-    """Weights scaled as in tests/test_raster_ar.py (the default init zeroes the output layer)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif p.dim() == 2 and "embedding" not in name and "null" not in name:
-                p.copy_(noise / p.shape[1] ** 0.5)
-            else:
-                p.copy_(noise)
-    return model.eval()
 
 
 def make(condition: str = "class", seed: int = 0, spec: TokenSpec = SPEC, **kw) -> RandomOrderAR:

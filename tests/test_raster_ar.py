@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pipeline_tiny import randomize
 
 from tokenloom import generators
 from tokenloom.config import GuidanceSchedule, SamplingParams
@@ -22,19 +23,7 @@ def make(condition: str = "class", seed: int = 0, **kw) -> RasterAR:
     extra = {"class": {"num_classes": 5}, "text": {"cond_dim": 6, "cond_len": 3}, "none": {}}[condition]
     model = generators.build("raster_ar", token_spec=SPEC.to_dict(), width=32, depth=2, num_heads=4,
                              multiple_of=16, condition=condition, **{**extra, **kw})
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif p.dim() == 2 and "embedding" not in name and "null" not in name:
-                p.copy_(noise / p.shape[1] ** 0.5)
-            else:
-                p.copy_(noise)
-    return model.eval()
+    return randomize(model, seed)
 
 
 def cond_for(condition: str, b: int = 3, seed: int = 0) -> Condition:

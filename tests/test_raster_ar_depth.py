@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+from pipeline_tiny import randomize
 from scipy import stats
 
 from tokenloom import generators
@@ -30,21 +31,7 @@ HEADS = {"index": "categorical", "bits": "bitwise", "continuous": "diffusion"}
 HEAD_OPTIONS = {"diffusion": {"depth": 1, "mlp_width": 16, "num_sampling_steps": 3}}
 
 
-def randomise(model: RasterAR, seed: int = 0, scale: float = 1.0) -> RasterAR:
-    """Visible random weights (the default init zeroes the output layer), as tests/test_raster_ar.py does."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif p.dim() == 2 and "embedding" not in name and "null" not in name:
-                p.copy_(scale * noise / p.shape[1] ** 0.5)
-            else:
-                p.copy_(noise)
-    return model.eval()
+randomise = randomize  # visible random weights (the default init zeroes the output layer)
 
 
 def make(spec: TokenSpec = RVQ, condition: str = "class", seed: int = 0, random: bool = True, **kw) -> RasterAR:
