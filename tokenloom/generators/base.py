@@ -47,6 +47,24 @@ class TokenGenerator(TokenloomModel):
         if tokens.spec != self.spec:
             raise ValueError(f"{name}.spec {tokens.spec} does not match the generator's spec {self.spec}")
 
+    def check_known(self, known: Tokens | None, known_mask, b: int) -> tuple[Tokens | None, torch.Tensor | None]:
+        """Inpainting inputs (``known`` tokens and ``known_mask``: ``[B, L]`` bool, True = known) checked against
+        the batch size ``b`` → ``(known, known_mask on the model's device)``, or ``(None, None)`` without them."""
+        if known is None and known_mask is None:
+            return None, None
+        if known is None or known_mask is None:
+            raise ValueError("known and known_mask go together: pass both (inpainting) or neither")
+        self.check_tokens(known, "known")
+        length = self.spec.length
+        if known.batch_size != b:
+            raise ValueError(f"known has {known.batch_size} rows but cond has {b}")
+        if (not isinstance(known_mask, torch.Tensor) or known_mask.dtype != torch.bool
+                or known_mask.shape != (b, length)):
+            raise ValueError(f"known_mask must be a bool tensor of shape [{b}, {length}] (True = known), got "
+                             f"{getattr(known_mask, 'dtype', type(known_mask).__name__)} "
+                             f"{tuple(getattr(known_mask, 'shape', ()))}")
+        return known, known_mask.to(self.device)
+
     def check_generate_args(self, cond, params: SamplingParams | None, generator) -> tuple[Condition, SamplingParams]:
         """The checks every ``generate`` runs before any compute → ``(cond, params)``.
 

@@ -602,19 +602,9 @@ class MaskedAR(TokenGenerator):
 
     def _check_known(self, known, known_mask, b: int) -> tuple[Tokens | None, Tensor | None]:
         """Inpainting inputs → ``(known tokens, [B, seq_len] bool: backbone positions whose every token is known)``."""
-        if known is None and known_mask is None:
+        known, known_mask = self.check_known(known, known_mask, b)
+        if known is None:
             return None, None
-        if known is None or known_mask is None:
-            raise ValueError("known and known_mask go together: pass both (inpainting) or neither")
-        self.check_tokens(known, "known")
-        length = self.spec.length
-        if known.batch_size != b:
-            raise ValueError(f"known has {known.batch_size} rows but cond has {b}")
-        if not isinstance(known_mask, Tensor) or known_mask.dtype != torch.bool or known_mask.shape != (b, length):
-            raise ValueError(f"known_mask must be a bool tensor of shape [{b}, {length}] (True = known), got "
-                             f"{getattr(known_mask, 'dtype', type(known_mask).__name__)} "
-                             f"{tuple(getattr(known_mask, 'shape', ()))}")
-        known_mask = known_mask.to(self.device)
         p = self.config.patch_size
         patch_known = known_mask
         if p > 1:

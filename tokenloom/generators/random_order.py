@@ -551,19 +551,8 @@ class RandomOrderAR(TokenGenerator):
         return orders
 
     def _check_known(self, known, known_mask, b: int) -> tuple[Tensor | None, Tensor | None]:
-        if known is None and known_mask is None:
-            return None, None
-        if known is None or known_mask is None:
-            raise ValueError("known and known_mask go together: pass both (inpainting) or neither")
-        self.check_tokens(known, "known")
-        length = self.spec.length
-        if known.batch_size != b:
-            raise ValueError(f"known has {known.batch_size} rows but cond has {b}")
-        if not isinstance(known_mask, Tensor) or known_mask.dtype != torch.bool or known_mask.shape != (b, length):
-            raise ValueError(f"known_mask must be a bool tensor of shape [{b}, {length}] (True = known), got "
-                             f"{getattr(known_mask, 'dtype', type(known_mask).__name__)} "
-                             f"{tuple(getattr(known_mask, 'shape', ()))}")
-        return known.data.to(self.device), known_mask.to(self.device)
+        known, known_mask = self.check_known(known, known_mask, b)
+        return (None, None) if known is None else (known.data.to(self.device), known_mask)
 
     def _check_generate_args(self, cond, params, generator, decoding):
         if decoding is not None:
