@@ -1,111 +1,36 @@
-"""FID (clean-fid), Inception Score, precision/recall, CLIP score, class-balanced plans, feature extractors.
+"""FID (clean-fid), the feature extractors and their scripts (evaluate_fid, train_feature_extractor).
 
 The bars use the built-in shapes extractor, trained once per module (a few seconds): FID between
 the shapes training split and its held-out split is near zero and far below the FID of a shifted
 set. Run with ``-s`` to see the measured numbers.
+
+Inception, precision/recall, CLIP score and class-balanced plans are tested in ``test_evaluation_*.py``; the
+shared session fixtures live in ``evaluation_fixtures.py``.
 """
 
 import importlib.util
 import json
-import os
 import types
-import urllib.request
-from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from filelock import FileLock
-from torch import nn
+from evaluation_helpers import N_IMAGES, ROOT, _names, _to_255
 
 from tokenloom.data.shapes import ShapesDataset
-from tokenloom.evaluation.class_balanced import (
-    class_balanced_plan,
-    image_seed,
-    plan_for_accelerator,
-    save_images,
-    torch_generators,
-)
+from tokenloom.evaluation.class_balanced import save_images
 from tokenloom.evaluation.features import (
     CNNFeatureExtractor,
     FeatureCNN,
     builtin_dataset,
     extract_folder,
     load_feature_extractor,
-    load_inception,
     stack_dataset,
     train_feature_cnn,
 )
 from tokenloom.evaluation.fid import FeatureStats, compute_fid, folder_stats, frechet_distance
-from tokenloom.evaluation.inception_score import inception_score
-from tokenloom.evaluation.precision_recall import in_manifold, knn_radii, precision_recall
 
-N_IMAGES = 1000  # per folder: 64-dim features need > 64; more images shrink FID's finite-sample bias
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _to_255(x):
-    """[-1, 1] → 0..255 float, rounded as the PNGs are."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round()
-
-
-def _names(n):
-    return [f"{i:06d}.png" for i in range(n)]
-
-
-def _no_download(*args, **kwargs):
-    raise AssertionError("a download was attempted")
-
-
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def shared_dir(tmp_path_factory):
-    """A folder shared by all pytest-xdist workers of this run, so each expensive fixture is built once."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        return tmp_path_factory.mktemp("evaluation_shared")
-    root = tmp_path_factory.getbasetemp().parent / "evaluation_shared"  # this run's root, not earlier runs'
-    root.mkdir(exist_ok=True)
-    return root
-
-
-@pytest.fixture(scope="session")
-def shapes_extractor(shared_dir):
-    weights = shared_dir / "shapes_feature_cnn.safetensors"
-    with FileLock(str(shared_dir / "extractor.lock")):
-        if not weights.exists():
-            train_feature_cnn("shapes", progress=False).save_safetensors(weights)
-    return load_feature_extractor("shapes", weights)
-
-
-@pytest.fixture(scope="session")
-def shapes_folders(shared_dir):
-    """PNG folders: shapes train / held-out test, and shifted copies of the held-out images."""
-    root = shared_dir / "shapes_fid"
-    names = ("train", "test", "channels_permuted", "colours_mixed", "inverted")
-    with FileLock(str(shared_dir / "folders.lock")):
-        if not (root / "complete").exists():
-            train, _ = stack_dataset(ShapesDataset("train", num_samples=N_IMAGES))
-            test, _ = stack_dataset(ShapesDataset("test", num_samples=N_IMAGES))
-            sets = {
-                "train": train,
-                "test": test,
-                "channels_permuted": test[:, [1, 2, 0]],  # R,G,B → G,B,R: the palette maps onto itself
-                "colours_mixed": (test + test[:, [1, 2, 0]]) / 2,  # off-palette colours: a real shift
-                "inverted": -test,  # white background, complementary colours: disjoint from the data
-            }
-            for name in names:
-                save_images(sets[name], root / name, _names(N_IMAGES))
-            (root / "complete").touch()
-    return {name: root / name for name in names}
-
-
-@pytest.fixture(scope="session")
-def shapes_features(shapes_folders, shapes_extractor):
-    return {
-        name: extract_folder(path, shapes_extractor, verbose=False)[0]
-        for name, path in shapes_folders.items()
-    }
+pytest_plugins = ("evaluation_fixtures",)  # the session fixtures on the shapes folders, built once per run
 
 
 # ----------------------------------------------------------------------------- FID bars
@@ -283,244 +208,6 @@ def test_digits_extractor_fid_held_out_vs_mirrored():
     )
     assert held_out < 0.05 * np.trace(ref.sigma)
     assert mirrored > 5 * held_out
-
-
-# ----------------------------------------------------------------------------- Inception (local weights only)
-class _FakeTorchScriptInception(nn.Module):
-    """The interface of clean-fid's inception-2015-12-05.pt (layers, output, return_features), tiny."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 2048))
-        self.output = nn.Linear(2048, 1008)
-        nn.init.zeros_(self.output.bias)  # so that softmax(forward) can be compared with bias-free logits
-
-    def forward(self, x, return_features: bool = False):
-        feats = self.layers((x - 128) / 128)
-        return feats if return_features else self.output(feats).softmax(dim=1)
-
-
-def test_inception_torchscript_matches_cleanfid(tmp_path, monkeypatch):
-    from cleanfid.inception_torchscript import InceptionV3W
-
-    monkeypatch.setattr(urllib.request, "urlopen", _no_download)
-    torch.manual_seed(0)
-    torch.jit.script(_FakeTorchScriptInception()).save(str(tmp_path / "inception-2015-12-05.pt"))
-    ours = load_inception(tmp_path / "inception-2015-12-05.pt")
-    theirs = InceptionV3W(str(tmp_path), download=False, resize_inside=False)
-    x = torch.rand(2, 3, 299, 299) * 255
-    feats, logits = ours.features_and_logits(x)
-    with torch.no_grad():
-        torch.testing.assert_close(feats, theirs(x), rtol=0, atol=0)
-        torch.testing.assert_close(logits.softmax(1), theirs.base(x), rtol=1e-5, atol=1e-7)
-    assert (ours.name, ours.dim, ours.image_size, ours.num_classes) == (
-        "inception-v3-2015-12-05/torchscript",
-        2048,
-        299,
-        1008,
-    )
-
-
-def test_inception_missing_weights_fail_without_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", _no_download)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
-    missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
-        load_feature_extractor("inception", missing)
-    with pytest.raises(ValueError, match="weights=None"):
-        load_feature_extractor("inception", None)
-    (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.pth"):
-        load_inception(tmp_path / "junk.pth")
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::UserWarning")  # torchvision's notices about clean-fid's `pretrained=`
-def test_inception_state_dict_matches_torchvision_forward(tmp_path, monkeypatch):
-    """A (random) pytorch-fid state dict: pool features and bias-free logits match the network's forward."""
-    import torchvision
-    from cleanfid import inception_pytorch
-
-    monkeypatch.setattr(urllib.request, "urlopen", _no_download)
-    captured = {}
-
-    def capture(self, state_dict, *args, **kwargs):
-        captured["model"] = self
-
-    torch.manual_seed(0)
-    with (
-        mock.patch.object(inception_pytorch, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(torchvision.models.Inception3, "load_state_dict", capture),
-    ):
-        inception_pytorch.fid_inception_v3()
-    net = captured["model"].eval()
-    with torch.no_grad():  # non-trivial batch-norm statistics
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    torch.save(net.state_dict(), tmp_path / "pt_inception-2015-12-05-6726825d.pth")
-    ours = load_inception(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
-    x = torch.rand(2, 3, 299, 299) * 255
-    feats, logits = ours.features_and_logits(x)
-    with torch.no_grad():
-        logits_with_bias = net(2 * (x / 255) - 1)
-        fc = net.fc
-        net.fc = nn.Identity()
-        torch.testing.assert_close(feats, net(2 * (x / 255) - 1), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(logits, logits_with_bias - fc.bias, rtol=1e-4, atol=1e-4)
-
-
-# ----------------------------------------------------------------------------- Inception Score
-def test_inception_score_exact_values():
-    k = 5
-    assert inception_score(torch.zeros(100, k), splits=4).mean == pytest.approx(1.0)
-    confident_balanced = 50.0 * torch.eye(k).repeat(20, 1)  # each split holds every class equally
-    assert inception_score(confident_balanced, splits=4).mean == pytest.approx(k, rel=1e-6)
-    one_class = 50.0 * torch.eye(k)[torch.zeros(100, dtype=torch.long)]
-    assert inception_score(one_class, splits=4).mean == pytest.approx(1.0, abs=1e-6)
-    # two equiprobable classes, predicted with probabilities (0.9, 0.1) / (0.1, 0.9): exp(log 2 − H(0.9))
-    p = torch.tensor([[0.9, 0.1], [0.1, 0.9]], dtype=torch.float64).repeat(10, 1)
-    h = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1))
-    assert inception_score(p.log(), splits=1).mean == pytest.approx(np.exp(np.log(2) - h), rel=1e-9)
-    with pytest.raises(ValueError, match="splits="):
-        inception_score(torch.zeros(3, k), splits=4)
-    with pytest.raises(ValueError, match="non-finite"):
-        inception_score(torch.full((3, k), float("nan")), splits=1)
-
-
-def test_inception_score_of_builtin_classifier(shapes_extractor):
-    dataset = builtin_dataset("shapes", "test", num_samples=1500)
-    images, labels = stack_dataset(dataset)
-    per_class = 30
-    balanced = torch.cat([torch.nonzero(labels == c)[:per_class, 0] for c in range(dataset.num_classes)])
-    assert len(balanced) == per_class * dataset.num_classes
-    _, logits = shapes_extractor.features_and_logits(_to_255(images))
-    score_balanced = inception_score(logits[balanced], splits=1, classifier=shapes_extractor.name)
-    score_one = inception_score(logits[labels == 3], splits=1)
-    print(f"\n{score_balanced}\nIS of one class: {score_one.mean:.4f}")
-    assert score_balanced.mean > 0.85 * dataset.num_classes
-    assert score_one.mean < 1.1
-
-
-# ----------------------------------------------------------------------------- precision / recall
-def test_precision_recall_hand_example():
-    ref = np.array([[0.0], [1.0], [2.0], [10.0]])
-    # k=1 radii: 1, 1, 1, 8 (10's nearest other point is 2)
-    np.testing.assert_allclose(knn_radii(ref, k=1).numpy(), [1, 1, 1, 8])
-    gen = np.array(
-        [[2.5], [30.0], [-1.0], [19.0]]
-    )  # inside: 2.5 (ball of 2), -1 (ball of 0); 19 outside (10+8=18)
-    assert in_manifold(gen, ref, knn_radii(ref, k=1)).tolist() == [True, False, True, False]
-    pr = precision_recall(gen, ref, k=1)
-    assert pr.precision == 0.5
-    # gen k=1 radii: 2.5→3.5 (to -1), 30→11 (to 19), -1→3.5, 19→11 (to 30):
-    # ref 0, 1, 2 lie in the balls of -1 and 2.5; 10 lies in 19's ball
-    assert pr.recall == 1.0
-    with pytest.raises(ValueError, match="k="):
-        knn_radii(ref, k=4)
-
-
-def test_precision_recall_on_shapes(shapes_features):
-    f = shapes_features
-    itself = precision_recall(f["test"], f["test"], features="shapes")
-    held_out = precision_recall(f["test"], f["train"])
-    disjoint = precision_recall(f["inverted"], f["train"])
-    print(f"\nitself: {itself}\nheld-out vs train: {held_out}\ninverted vs train: {disjoint}")
-    assert itself.precision == 1.0 and itself.recall == 1.0
-    assert held_out.precision > 0.8 and held_out.recall > 0.8
-    assert disjoint.precision < 0.2 and disjoint.recall < 0.2
-
-
-# ----------------------------------------------------------------------------- class-balanced plans
-@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
-def test_class_balanced_plan_is_complete_and_disjoint(world_size):
-    num_classes, n_per_class = 5, 7
-    plans = [
-        class_balanced_plan(num_classes, n_per_class, world_size=world_size, rank=r, base_seed=3)
-        for r in range(world_size)
-    ]
-    items = [it for plan in plans for it in plan]
-    assert sorted(it.index for it in items) == list(range(num_classes * n_per_class))
-    assert (
-        np.bincount([it.label for it in items], minlength=num_classes).tolist() == [n_per_class] * num_classes
-    )
-    assert max(map(len, plans)) - min(map(len, plans)) <= 1
-    assert len({it.seed for it in items}) == len(items)
-    assert len({it.filename for it in items}) == len(items)
-    single = {it.index: it for it in class_balanced_plan(num_classes, n_per_class, base_seed=3)}
-    assert all(single[it.index] == it for it in items)  # same image whatever the number of processes
-
-
-def test_class_balanced_plan_seeds_and_errors():
-    a = class_balanced_plan(3, 2, base_seed=0)
-    b = class_balanced_plan(3, 2, base_seed=1)
-    assert not {it.seed for it in a} & {it.seed for it in b}
-    assert a[4].seed == image_seed(0, 4) and 0 <= a[4].seed < 2**63
-    assert [it.label for it in a] == [0, 1, 2, 0, 1, 2]
-    fake_accelerator = types.SimpleNamespace(num_processes=2, process_index=1)
-    assert plan_for_accelerator(fake_accelerator, 3, 2) == class_balanced_plan(3, 2, world_size=2, rank=1)
-    gens = torch_generators(a[:2])
-    assert (
-        torch.rand(1, generator=gens[0]).item()
-        == torch.rand(1, generator=torch.Generator().manual_seed(a[0].seed)).item()
-    )
-    for kwargs, match in [
-        (dict(world_size=2, rank=2), "rank="),
-        (dict(world_size=0), "world_size="),
-        (dict(base_seed=-1), "base_seed="),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            class_balanced_plan(3, 2, **kwargs)
-    with pytest.raises(ValueError, match="n_per_class="):
-        class_balanced_plan(3, 0)
-
-
-# ----------------------------------------------------------------------------- CLIP score
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A randomly initialised tiny open_clip model (under a test-only name) and its weights file."""
-    import open_clip
-
-    root = tmp_path_factory.mktemp("tiny_clip")
-    config = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (root / "tokenloom-test-tiny-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(root / "tokenloom-test-tiny-clip.json")
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms("tokenloom-test-tiny-clip", pretrained=None)
-    torch.save(model.state_dict(), root / "tiny_clip.pt")
-    return model, preprocess, open_clip.get_tokenizer("tokenloom-test-tiny-clip"), root / "tiny_clip.pt"
-
-
-def test_clip_score_mechanics(tiny_clip, monkeypatch):
-    from tokenloom.evaluation.clip_score import CLIPScorer, _to_pil, clip_score
-
-    monkeypatch.setattr(urllib.request, "urlopen", _no_download)
-    model, preprocess, tokenizer, weights = tiny_clip
-    scorer = CLIPScorer.from_model(model, preprocess, tokenizer, "tiny")
-    images = torch.rand(6, 3, 32, 32) * 2 - 1
-    captions = [f"a photo of {n} circles" for n in range(6)]
-    scores = scorer(images, captions)
-    with torch.no_grad():
-        pixels = torch.stack([preprocess(im) for im in _to_pil(images)])
-        cos = torch.nn.functional.cosine_similarity(
-            model.encode_image(pixels), model.encode_text(tokenizer(captions))
-        )
-    torch.testing.assert_close(scores, (100 * cos).clamp(min=0))
-    assert ((scores >= 0) & (scores <= 100)).all()
-    result = clip_score(images, captions, scorer, batch_size=4)
-    assert result.value == pytest.approx(scores.mean().item(), rel=1e-5) and result.n == 6
-    from_file = CLIPScorer("tokenloom-test-tiny-clip", pretrained=weights)  # the local-path route
-    torch.testing.assert_close(from_file(images, captions), scores)
-    assert from_file.name == "tokenloom-test-tiny-clip:tiny_clip.pt"
-    with pytest.raises(FileNotFoundError, match="missing_clip.bin"):
-        CLIPScorer("ViT-B-32", pretrained=weights.parent / "missing_clip.bin")
-    with pytest.raises(ValueError, match="captions"):
-        scorer(images, captions[:2])
 
 
 # ----------------------------------------------------------------------------- scripts

@@ -28,30 +28,8 @@ mode each row's condition becomes the null one with probability ``cond_dropout``
 over the masked positions (for the diffusion head that equals MAR's mask-weighted mean over
 ``diffusion_batch_mul`` repeats).
 
-Generation (``generate``): ``N = params.num_steps`` iterations, one backbone pass each (batch doubled for
-guidance). After step ``s`` the ``mask_len_s`` = ``clamp(floor(L·cos(π/2·(s+1)/N)), 1, masked − 1)`` positions stay
-masked (MAR/MaskGIT's cosine schedule); the last step reveals the rest. Which positions (``reveal``):
-
-* ``"order"`` (MAR): a random order per row is drawn up front; positions stay masked while they are among the
-  first ``mask_len_s`` of the order. Only the positions revealed at a step go through the head.
-* ``"confidence"`` (MaskGIT; heads with logits only): every masked position is sampled; the ``mask_len_s`` with the
-  lowest confidence stay masked, confidence = log-probability of the sampled token under the model's guided logits
-  (as MaskGIT, before temperature and truncation, so greedy sampling still ranks positions; summed over channels
-  for bits) + ``remask_temperature·(1 − (s+1)/N)`` × Gumbel noise (MaskGIT's annealed ``choice_temperature``).
-
-Guidance: step ``s`` uses ``params.at_step(s, N)``. tokenloom's ``GuidanceSchedule.linear(start=1)`` ramps over
-``progress = s/(N − 1)``; MAR's ramp ``1 + (cfg − 1)·(L − mask_len_s)/L`` follows the masking schedule instead
-(not linear in ``s``, and ``< cfg`` at the last step), so MAR's exact ramp is ``GuidanceSchedule.steps`` of
-:func:`~tokenloom.generators.masked_ar_layers.mar_guidance_values` (what ``tokenloom.interop.mar`` emits).
-``params.num_steps`` is the number of MAR iterations (default: ``num_steps`` of the config, else ``min(64, L)``);
-a diffusion/flow head's own steps and ``noise_temperature`` are head options (``head_options``).
-
-Inpainting (``generate(..., known=Tokens, known_mask=[B, L])``): generation starts from a partial mask — the
-known positions are visible from the first pass and only the unknown ones are revealed, by the same schedule over
-their count; known tokens come back unchanged.
-
-Randomness: with a list of ``B`` generators, row ``i``'s order, Gumbel noise and head noise come from
-``generator[i]`` alone, so an image does not depend on its batch neighbours.
+Generation and inpainting (``generate``) are described in :mod:`~tokenloom.generators.masked_ar_generate`; the
+condition buffer in :mod:`~tokenloom.generators.masked_ar_condition`. The class joins them as mixins.
 
 Written on timm's ViT ``Block`` (MAR uses it) rather than tokenloom's Llama block: MAR's keys (``norm1``,
 ``attn.qkv``, ``mlp.fc1`` …) then load unchanged.
@@ -66,21 +44,18 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from tokenloom.config import SamplingParams
 from tokenloom.generators import register
 from tokenloom.generators.base import TokenGenerator
-from tokenloom.generators.condition import Condition, as_condition
+from tokenloom.generators.condition import Condition
 from tokenloom.generators.layers.prefix import Prefix, TextPrefix
+from tokenloom.generators.masked_ar_condition import CONDITIONS, MaskedARConditioning
+from tokenloom.generators.masked_ar_generate import MaskedARGeneration
 from tokenloom.generators.masked_ar_layers import (
     check_num_steps,
     first_of_order,
-    masked_after_steps,
     patchify,
     random_orders,
-    repeat_rows,
-    row_rand,
     sample_mask_ratio,
     unpatchify,
 )
@@ -88,7 +63,6 @@ from tokenloom.heads import HEADS
 from tokenloom.tokens import Grid, Sequence, Tokens, TokenSpec
 
 REVEALS = ("order", "confidence")
-CONDITIONS = ("class", "text", "none")
 Z_PROJ_LN_EPS = 1e-6  # MAR hard-codes it, whatever the blocks' norm_layer
 
 
@@ -105,7 +79,7 @@ def _fraction(name: str, value, low: float = 0.0, high: float = 1.0) -> float:
 
 
 @register("masked_ar")
-class MaskedAR(TokenGenerator):
+class MaskedAR(MaskedARConditioning, MaskedARGeneration, TokenGenerator):
     """MAR-style masked autoregressive generator; see the module docstring.
 
     Args:
@@ -307,86 +281,6 @@ class MaskedAR(TokenGenerator):
         latent = unpatchify(x, self.spec.dim, self.grid[0], self.grid[1], p)
         return latent.flatten(2).transpose(1, 2)
 
-    # ---------------------------------------------------------------- conditions
-    def as_condition(self, cond, batch_size: int | None = None) -> Condition:
-        """Accept a Condition, ``[B]`` labels, ``[B, Lc, Cc]`` features or None; check it fits this model."""
-        if cond is None and batch_size is None:
-            raise TypeError("cond must be a Condition (Condition(batch=B) for condition='none'), got None")
-        cond = as_condition(cond, batch_size)
-        if cond.kind != self.condition_kind:
-            need = {"class": "labels=[B] ints", "text": "features=[B, Lc, Cc]", "none": "batch=B only"}
-            raise TypeError(f"this generator is conditioned on {self.condition_kind!r} "
-                            f"(Condition({need[self.condition_kind]})), but cond has kind {cond.kind!r}")
-        if cond.kind == "class":
-            labels, n = cond.labels, self.config.num_classes
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > n):
-                raise ValueError(f"cond.labels must lie in [0, {n - 1}] (or {n} for the null class), got range "
-                                 f"[{int(labels.min())}, {int(labels.max())}]")
-        elif cond.kind == "text":
-            self.text_prefix.check(cond)
-            if cond.mask is not None and not bool(cond.mask.any(dim=1).all()):
-                raise ValueError("cond.mask has a row without any valid text token; every row needs at least one")
-        return cond
-
-    def class_embedding(self, labels: Tensor, drop: Tensor | None = None) -> Tensor:
-        """``[B, De]``: ``class_emb(labels)``, or ``fake_latent`` where ``labels == num_classes`` or ``drop``."""
-        null = labels == self.config.num_classes
-        if drop is not None:
-            null = null | drop
-        emb = self.class_emb(labels.clamp_max(self.config.num_classes - 1))
-        return torch.where(null[:, None], self.fake_latent.to(emb.dtype), emb)
-
-    def vector_buffer(self, vector: Tensor) -> Prefix:
-        """MAR's buffer: every one of the ``buffer_size`` positions holds ``vector: [B, De]`` → ``[B, P, De]``."""
-        return Prefix(vector[:, None].expand(-1, self.buffer_size, -1), None)
-
-    def _text_buffer(self, prefix: Prefix) -> Prefix:
-        """Projected text ``[B, Lc, De]`` + ``P − Lc`` copies of its masked mean → ``[B, P, De]``."""
-        x, valid = prefix
-        extra = self.buffer_size - x.shape[1]
-        if extra:
-            w = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if valid is None else valid.to(x.dtype)
-            pooled = (x * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
-            x = torch.cat([x, pooled[:, None].expand(-1, extra, -1)], dim=1)
-            if valid is not None:
-                valid = torch.cat([valid, valid.new_ones(valid.shape[0], extra)], dim=1)
-        return Prefix(x, valid)
-
-    def buffer(self, cond: Condition, guided: bool = False, drop: bool | None = None) -> Prefix:
-        """The condition buffer ``[B, P, De]`` (``[2B, P, De]`` with the null rows appended when ``guided``).
-
-        ``drop``: apply condition dropout (None = when training).
-        """
-        cond = self.as_condition(cond.to(self.device))
-        b, kind = cond.batch_size, self.condition_kind
-        drop = self.training if drop is None else drop
-        if kind == "text":
-            buf = self._text_buffer(self.text_prefix(cond, drop=drop))
-            if guided:
-                if cond.uncond_features is not None:
-                    null = self.text_prefix(Condition(features=cond.uncond_features, mask=cond.uncond_mask),
-                                            drop=False)
-                else:
-                    null = self.text_prefix.null(b, self.device)
-                null = self._text_buffer(null)
-                if buf.key_valid is None and null.key_valid is None:
-                    return Prefix(torch.cat([buf.x, null.x]), None)
-                ones = lambda p: torch.ones(p.x.shape[:2], dtype=torch.bool, device=p.x.device)  # noqa: E731
-                valid = [ones(p) if p.key_valid is None else p.key_valid for p in (buf, null)]
-                return Prefix(torch.cat([buf.x, null.x]), torch.cat(valid))
-            return buf
-        if kind == "none":
-            if guided:
-                raise ValueError("guidance needs a conditional generator; this one has condition='none'")
-            return self.vector_buffer(self.fake_latent.expand(b, -1))
-        dropped = None
-        if drop and self.config.cond_dropout > 0:
-            dropped = torch.rand(b, device=self.device) < self.config.cond_dropout
-        vec = self.class_embedding(cond.labels, dropped)
-        if guided:
-            vec = torch.cat([vec, self.fake_latent.expand(b, -1).to(vec.dtype)])
-        return self.vector_buffer(vec)
-
     # ---------------------------------------------------------------- backbone
     def embed_tokens(self, x: Tensor) -> Tensor:
         """Backbone tokens ``[B, L, token_dim]`` (long for ``index``) → ``[B, L, De]``."""
@@ -486,135 +380,6 @@ class MaskedAR(TokenGenerator):
         z = self.backbone(x, mask, self.buffer(cond))
         loss = self.output_head.loss(z[mask], x[mask])
         return {"loss": loss.mean(), "mask": mask}
-
-    # ---------------------------------------------------------------- generation
-    def _check_generate_args(self, cond, params, generator, decoding):
-        if decoding is not None:
-            raise ValueError(f"decoding must be None for MaskedAR (it decodes num_steps sets of tokens), "
-                             f"got {decoding!r}")
-        cond, params = self.check_generate_args(cond, params, generator)
-        steps = self.default_num_steps if params.num_steps is None else params.num_steps
-        check_num_steps(steps, self.seq_len)
-        if params.guidance_schedule.kind == "steps" and len(params.guidance_schedule.values) != steps:
-            raise ValueError(f"GuidanceSchedule.values has {len(params.guidance_schedule.values)} entries but the "
-                             f"generation takes num_steps={steps}")
-        return cond, params, steps
-
-    def _sample_at(self, z: Tensor, z_uncond: Tensor | None, params: SamplingParams, generator, rows: int,
-                   per_row: int) -> Tensor:
-        """Head samples ``[rows·per_row, channels]`` for ``z: [rows·per_row, Dd]`` (rows in batch order)."""
-        p, gens = repeat_rows(params.replace(num_steps=None), generator, per_row)
-        return self.output_head.sample(z, p, gens, z_uncond=z_uncond)
-
-    def _sample_with_confidence(self, z: Tensor, z_uncond: Tensor | None, params: SamplingParams, generator,
-                                rows: int, per_row: int) -> tuple[Tensor, Tensor]:
-        """Codes ``[rows·per_row, channels]`` and their confidence ``[rows, per_row]``: the log-probability of the
-        drawn code under the guided logits (MaskGIT: before temperature and truncation), summed over channels."""
-        head = self.output_head
-        p, gens = repeat_rows(params.replace(num_steps=None), generator, per_row)
-        logits = head.logits(z)
-        u_logits = None if z_uncond is None or p.guidance_scale == 1.0 else head.logits(z_uncond)
-        codes = head.sample_logits(logits, p, gens, u_logits)
-        guided = logits if u_logits is None else u_logits + p.guidance_scale * (logits - u_logits)
-        logp = guided.log_softmax(-1).gather(-1, codes.long()[..., None])[..., 0]  # [N, channels]
-        return codes, logp.view(rows, per_row, -1).sum(-1)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        cond: Condition | Tensor | None,
-        params: SamplingParams | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        decoding=None,
-        progress: bool = False,
-        *,
-        known: Tokens | None = None,
-        known_mask: Tensor | None = None,
-    ) -> Tokens:
-        """Sample ``Tokens`` in ``params.num_steps`` backbone passes (see the module docstring).
-
-        Args:
-            cond: labels ``[B]``, text features or a :class:`Condition` (``Condition(batch=B)`` when unconditional).
-            params: sampling params; step ``s`` of ``N`` uses ``params.at_step(s, N)`` (guidance), the categorical
-                fields (temperature, top-k/p, min-p) act on index/bits logits; ``num_steps`` = MAR iterations.
-            generator: one ``torch.Generator`` or a list of ``B`` (row ``i`` then depends only on its own).
-            decoding: must be None.
-            progress: show a tqdm bar over the iterations.
-            known, known_mask: inpainting — ``Tokens`` of this spec and ``[B, L]`` bool (True = keep). Generation
-                starts from a partial mask: backbone positions (patches) whose every token is known are visible from
-                the first pass; the others are revealed by MAR's schedule over the ``U`` unknown positions
-                (``num_steps`` is capped at ``U``; every row needs the same ``U``). Known tokens come back unchanged.
-        """
-        cond, params, steps = self._check_generate_args(cond, params, generator, decoding)
-        b, length = cond.batch_size, self.seq_len
-        known_data, patch_known = self._check_known(known, known_mask, b)
-        kind = self.patch_spec.kind
-        tokens = torch.zeros(b, length, self.token_dim, device=self.device,
-                             dtype=self.dtype if kind == "continuous" else torch.long)
-        mask = torch.ones(b, length, dtype=torch.bool, device=self.device)
-        if patch_known is not None:
-            tokens = torch.where(patch_known[..., None], self.to_patches(known_data).to(tokens.dtype), tokens)
-            mask = ~patch_known
-        unknown = int(mask[0].sum()) if b else 0
-        if unknown == 0:
-            return Tokens(known_data.data.clone(), self.spec)
-        if unknown < steps:
-            steps = unknown
-            if params.guidance_schedule.kind == "steps":
-                raise ValueError(f"GuidanceSchedule.values has {len(params.guidance_schedule.values)} entries but "
-                                 f"only {unknown} positions are unknown, so generation takes {unknown} steps")
-        guided = params.uses_guidance
-        buffer = self.buffer(cond, guided, drop=False)
-        confidence = self.config.reveal == "confidence"
-        orders = None if confidence else random_orders(generator, b, length, self.device)
-        if orders is not None and patch_known is not None:  # unknown positions first, in their random order
-            orders = orders.gather(1, patch_known.gather(1, orders).long().argsort(dim=1, stable=True))
-        remaining = masked_after_steps(unknown, steps)
-        for s in tqdm(range(steps), disable=not progress, desc="masked_ar", leave=False):
-            x_in, m_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-            z = self.backbone(x_in, m_in, buffer)
-            p = params.at_step(s, steps)
-            use_uncond = guided and p.guidance_scale != 1.0
-            if confidence:
-                masked = int(mask[0].sum())
-                codes, logp = self._sample_with_confidence(
-                    z[:b][mask], z[b:][mask] if use_uncond else None, p, generator, b, masked)
-                temp = self.config.remask_temperature * (1.0 - (s + 1) / steps)
-                u = row_rand(generator, b, masked, self.device).clamp(1e-20, 1 - 1e-7)
-                score = logp + temp * -torch.log(-torch.log(u))  # [B, masked]
-                positions = mask.nonzero()[:, 1].view(b, masked)
-                low = score.argsort(dim=1, stable=True)[:, :remaining[s]]
-                mask_next = torch.zeros_like(mask).scatter_(1, positions.gather(1, low), True)
-                revealed = ~mask_next.gather(1, positions)  # [B, masked]
-                tokens[mask & ~mask_next] = codes.view(b, masked, -1)[revealed].to(tokens.dtype)
-            else:
-                mask_next = first_of_order(orders, remaining[s])
-                to_pred = mask & ~mask_next
-                per_row = int(to_pred[0].sum())
-                values = self._sample_at(z[:b][to_pred], z[b:][to_pred] if use_uncond else None, p, generator,
-                                         b, per_row)
-                tokens[to_pred] = values.to(tokens.dtype)
-            mask = mask_next
-        out = self.from_patches(tokens)
-        if known_data is not None:
-            out = torch.where(known_mask.to(self.device)[..., None], known_data.data.to(out), out)
-        return Tokens(out, self.spec)
-
-    def _check_known(self, known, known_mask, b: int) -> tuple[Tokens | None, Tensor | None]:
-        """Inpainting inputs → ``(known tokens, [B, seq_len] bool: backbone positions whose every token is known)``."""
-        known, known_mask = self.check_known(known, known_mask, b)
-        if known is None:
-            return None, None
-        p = self.config.patch_size
-        patch_known = known_mask
-        if p > 1:
-            h, w = self.spec.layout.h, self.spec.layout.w
-            patch_known = known_mask.view(b, h // p, p, w // p, p).all(dim=4).all(dim=2).flatten(1)
-        counts = (~patch_known).sum(1)
-        if b and not bool((counts == counts[0]).all()):
-            raise ValueError(f"MaskedAR needs the same number of unknown positions in every row of known_mask, got "
-                             f"{counts.tolist()}; generate rows with different masks separately")
-        return known.to(self.device), patch_known
 
 
 __all__ = ["MaskedAR"]
