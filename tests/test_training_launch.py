@@ -1,5 +1,6 @@
 """The training scripts under real launches: kill -9 and `--resume latest`, two gloo ranks through
-`accelerate launch`, and the refusal of a multi-process launch that runs as one process.
+`accelerate launch` (DDP, and FSDP2 with sharded checkpoints), and the refusal of a multi-process launch that runs as
+one process.
 
 These start Python subprocesses (each imports torch and tokenloom: seconds on an idle machine, tens of
 seconds on a loaded one); the training itself is a few tiny steps.
@@ -8,6 +9,7 @@ seconds on a loaded one); the training itself is a few tiny steps.
 import json
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train_generator.py")
 TWO_RANKS = str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")
+FSDP_RANKS = str(ROOT / "configs" / "accelerate" / "fsdp_cpu.yaml")
 
 # Runs the script's main() in this process after installing a global forward hook on generators: `delay`
 # seconds per forward (so a kill lands midway) and a record of each forward's batch size and module.
@@ -123,15 +126,70 @@ def test_two_gloo_ranks_split_the_batch_and_match_one_process(recipe, tmp_path):
     for k, v in ranks[0]["weights"].items():
         assert torch.equal(v, ranks[1]["weights"][k]), k
 
+    _assert_loss_curve_matches_one_process(path, two, tmp_path / "one", "DDP")
+
+
+def _assert_loss_curve_matches_one_process(recipe_path: Path, run: Path, one: Path, what: str,
+                                           tolerance: float = 1e-4) -> None:
+    """Train ``recipe_path`` in this process (one process, the same global batch) into ``one`` and compare its
+    per-step losses with the multi-rank ``run``'s: the same global batches, so only the order of float sums differs
+    (the ranks average two half-batch gradients). ``tolerance``: the largest relative loss difference allowed."""
     main = runpy.run_path(SCRIPT)["main"]
-    main(["--config", str(path), "--output-dir", str(tmp_path / "one"), "--no-progress"])
-    one = json.loads((tmp_path / "one" / "generator" / "train_log.json").read_text())["history"]
-    both = json.loads((two / "generator" / "train_log.json").read_text())["history"]
-    assert [h["step"] for h in one] == [h["step"] for h in both] == list(range(1, 9))
-    # the same global batches; only the order of float sums differs (DDP averages two half-batch gradients)
-    gap = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(both, one))
-    print(f"2 ranks vs 1 process: largest relative loss difference over 8 steps {gap:.2e}")
-    assert gap < 1e-4
+    main(["--config", str(recipe_path), "--output-dir", str(one), "--no-progress"])
+    single = json.loads((one / "generator" / "train_log.json").read_text())["history"]
+    ranks = json.loads((run / "generator" / "train_log.json").read_text())["history"]
+    steps = yaml.safe_load(recipe_path.read_text())["train"]["max_steps"]
+    assert [h["step"] for h in single] == [h["step"] for h in ranks] == list(range(1, steps + 1))
+    gap = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(ranks, single))
+    print(f"{what} 2 ranks vs 1 process: largest relative loss difference over {steps} steps {gap:.2e}\n"
+          f"  2 ranks:   {[round(h['loss'], 6) for h in ranks]}\n  1 process: {[round(h['loss'], 6) for h in single]}")
+    assert gap < tolerance, (what, gap)
+
+
+def test_fsdp_two_gloo_ranks_match_one_process_export_loads_and_resume_latest_is_exact(recipe, tmp_path):
+    """FSDP2 on two CPU ranks (configs/accelerate/fsdp_cpu.yaml: one FSDP unit per TransformerBlock, sharded
+    checkpoints through torch.distributed.checkpoint): the loss curve matches one process, the exported folder
+    loads and holds the one-process weights, and `--resume latest` from a sharded checkpoint ends bit for bit
+    where the uninterrupted FSDP run ended."""
+    from tokenloom.generators import GENERATORS
+
+    cfg = yaml.safe_load(Path(recipe["path"]).read_text())
+    cfg["generator"]["cond_dropout"] = 0.0  # no randomness in the model: rank RNG streams cannot matter
+    cfg["train"].update(checkpoint_every=4, ema_decay=None)  # EMA is refused under FSDP
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    two = tmp_path / "two"
+
+    def launch(*extra):
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_RANKS,
+                               SCRIPT, "--config", str(path), "--output-dir", str(two), "--no-progress", *extra],
+                              env=_env(), capture_output=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+    launch()
+    checkpoints = two / "generator" / "checkpoints"
+    # really sharded (accelerate alone would have run DDP): one model and one optimiser shard per rank
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert sorted(p.name for p in (checkpoints / "checkpoint-00000008" / part).glob("*.distcp")) == [
+            "__0_0.distcp", "__1_0.distcp"], part
+    _assert_loss_curve_matches_one_process(path, two, tmp_path / "one", "FSDP")
+
+    exported = GENERATORS.load(str(two / "generator"))
+    single = GENERATORS.load(str(tmp_path / "one" / "generator"))
+    assert type(exported) is type(single)
+    full, reference = _weights(two), _weights(tmp_path / "one")
+    assert full.keys() == reference.keys() == exported.state_dict().keys()
+    for k in full:
+        assert full[k].shape == reference[k].shape, k
+        torch.testing.assert_close(full[k], reference[k], rtol=1e-3, atol=1e-4, msg=k)
+
+    shutil.rmtree(checkpoints / "checkpoint-00000008")  # as if the run had died between steps 4 and 8
+    (two / "generator" / "train_log.json").unlink()
+    launch("--resume", "latest")
+    log = json.loads((two / "generator" / "train_log.json").read_text())
+    assert log["resumed_from"].endswith("checkpoint-00000004") and log["steps"] == 8
+    resumed = _weights(two)
+    assert [k for k in full if not torch.equal(full[k], resumed[k])] == []
 
 
 def test_a_two_process_launch_that_runs_as_one_process_refuses_to_start(recipe, tmp_path):

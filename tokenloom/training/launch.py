@@ -7,6 +7,14 @@ so ``accelerate launch --multi_gpu --num_processes 2 script.py`` gives two real 
 ``accelerate launch --num_processes 2 --cpu script.py`` starts only one process (see
 ``../shared/specs/environment.md``), and ``--multi_gpu`` without a CPU Accelerator gives two independent
 single-process runs. Both would train silently with the wrong batch; :func:`check_process_count` refuses them.
+
+FSDP on CPUs (``configs/accelerate/fsdp_cpu.yaml``): accelerate 1.15's ``AcceleratorState`` switches to FSDP only
+for accelerator devices (its FSDP branch covers MULTI_GPU/XPU/NPU/..., not MULTI_CPU), so an FSDP launch with a CPU
+Accelerator silently trains as DDP. torch's FSDP2 (``fully_shard``) itself runs on CPU tensors over gloo, and
+accelerate's FSDP2 code paths (prepare, ``clip_grad_norm_``, ``save_state``/``load_state`` through
+``torch.distributed.checkpoint``, ``get_state_dict``) are device-agnostic, so :func:`_enable_fsdp_on_cpu` sets the
+distributed type and the FSDP plugin exactly as ``AcceleratorState`` does for GPUs. Only FSDP2 is enabled this way
+(FSDP1 on CPUs is not tested here).
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ import warnings
 
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration
 
 KNOWN_PRECISIONS = ("no", "bf16", "fp16")
 
@@ -100,7 +108,29 @@ def make_accelerator(*, mixed_precision: str = "no", grad_accum_steps: int = 1, 
                               gradient_accumulation_steps=grad_accum_steps, log_with=tracker,
                               dynamo_backend="inductor" if compile else "no", **kwargs)
     check_process_count(accelerator)
+    _enable_fsdp_on_cpu(accelerator, mixed_precision)
     return accelerator
+
+
+def _enable_fsdp_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
+    """Turn an FSDP launch (``ACCELERATE_USE_FSDP=true``) that accelerate left as MULTI_CPU into FSDP (see the
+    module docstring). Does nothing for any other launch."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* variables, as accelerate does
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"FSDP on CPUs needs fsdp_config.fsdp_version: 2 (FSDP2, torch fully_shard), got "
+                         f"fsdp_version {plugin.fsdp_version}; see configs/accelerate/fsdp_cpu.yaml")
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    # AcceleratorState re-reads PartialState's shared fields whenever it is instantiated: set both.
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    if not accelerator.is_fsdp2:
+        raise RuntimeError("could not switch the CPU Accelerator to FSDP2")
 
 
 __all__ = ["check_process_count", "make_accelerator", "requested_processes", "resolve_log_with"]

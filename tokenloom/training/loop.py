@@ -7,6 +7,9 @@ metrics averaged over ranks, trackers (TensorBoard by default), a progress bar, 
 ``sample_every`` steps, atomic checkpoints every ``checkpoint_every`` steps (:mod:`.checkpoint`) and, at the
 end, ``save_pretrained`` of the model (the EMA weights when EMA is on; the raw ones in ``non_ema/``).
 
+FSDP (FSDP2 through accelerate; on CPUs see :mod:`.launch`) trains, checkpoints (sharded state dicts) and resumes
+through the same calls; EMA, sample grids and ``broadcast_states`` are refused under it (see :func:`run_training`).
+
 ``batch_size`` is the **global** batch of one optimiser step: it is split over processes and accumulation
 steps (:mod:`.data_stream`), so a recipe trains the same way on 1 or N processes.
 
@@ -63,7 +66,7 @@ class LoopConfig:
         progress: show a tqdm bar (main process only).
         grad_accum_steps: micro-batches per optimiser step.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (autocast through accelerate; bf16 works on CPUs).
-        ema_decay: keep an EMA of the weights with this decay (e.g. 0.999); None = off.
+        ema_decay: keep an EMA of the weights of every trained module with this decay (e.g. 0.999); None = off.
         compile: ``torch.compile`` the model (accelerate's ``dynamo_backend="inductor"``).
         checkpoint_every: steps between atomic checkpoints; None = off.
         checkpoint_keep: complete checkpoints kept (oldest removed first).
@@ -230,7 +233,8 @@ def run_training(model: torch.nn.Module, dataset: Dataset, config: LoopConfig,
 
     Returns:
         ``(LoopResult, unwrapped [model, *extra_modules])``, in eval mode; the model holds the EMA weights when
-        EMA is on.
+        EMA is on. Under FSDP the returned modules stay sharded across ranks (``accelerator.get_state_dict`` gathers
+        them); the exported folder holds the full weights, gathered before saving.
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -244,21 +248,37 @@ def run_training(model: torch.nn.Module, dataset: Dataset, config: LoopConfig,
     if world > 1 and config.max_minutes is not None:
         raise ValueError(f"train.max_minutes={config.max_minutes} is a per-process clock: with {world} processes "
                          f"the ranks would stop at different steps. Use train.max_steps and train.max_minutes=null.")
-    if config.ema_decay is not None and str(getattr(accelerator, "distributed_type", "")).endswith(
-            ("FSDP", "DEEPSPEED")):
-        raise ValueError("train.ema_decay with FSDP/DeepSpeed is not supported (the EMA keeps full copies of "
-                         "unsharded parameters); set train.ema_decay=null or use DDP")
+    sharded = str(getattr(accelerator, "distributed_type", "")).endswith(("FSDP", "DEEPSPEED"))
+    if config.ema_decay is not None and sharded:
+        # Under FSDP2 the EMA's shadows would be this rank's shards (DTensors), while accelerate saves registered
+        # objects from the main process only: a checkpoint would lose the other ranks' shards.
+        raise ValueError("train.ema_decay with FSDP/DeepSpeed is not supported (the EMA is checkpointed from the "
+                         "main process only, so sharded shadows of the other ranks would be lost); set "
+                         "train.ema_decay=null or use DDP")
+    if sharded and broadcast_states:
+        raise ValueError("broadcast_states (weights changed outside the gradient, e.g. VQ dead-code restarts) "
+                         "needs replicated weights: use DDP, not FSDP/DeepSpeed")
+    if sharded and config.sample_every and sample_fn is not None:
+        raise ValueError(f"train.sample_every={config.sample_every} with FSDP/DeepSpeed is not supported (sample "
+                         f"grids run on the main process only, a sharded forward needs every rank); set "
+                         f"train.sample_every=null or use DDP")
     set_seed(config.seed + rank)
 
     modules = [model, *extra_modules]
+    classes = [type(m) for m in modules]  # FSDP2 swaps each prepared module's class for an FSDP subclass
     optimizer = adamw(param_groups(modules), config)
-    trained = [p for g in optimizer.param_groups for p in g["params"]]
     prepared = list(accelerator.prepare(*modules, optimizer))
     optimizer = prepared.pop()
+    # read after prepare: FSDP replaces the parameters (sharded DTensors) and accelerate re-points the optimiser.
+    # In the modules' own order: accelerate's FSDP clip_grad_norm_ matches the list against model.parameters().
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trained = [p for m in prepared for p in m.parameters() if id(p) in in_optimizer]
     for m in prepared:
         m.train()
     unwrapped = [accelerator.unwrap_model(m) for m in prepared]
-    ema = EMA(unwrapped[0], config.ema_decay) if config.ema_decay is not None else None
+    # the EMA averages every trained module (the model and e.g. a jointly trained text conditioner), so the
+    # exported modules stay consistent with each other
+    ema = EMA(torch.nn.ModuleList(unwrapped), config.ema_decay) if config.ema_decay is not None else None
     state = _LoopState()
     accelerator.register_for_checkpointing(state)
     if ema is not None:
@@ -320,7 +340,7 @@ def run_training(model: torch.nn.Module, dataset: Dataset, config: LoopConfig,
         if broadcast_states and world > 1:
             _broadcast_from_rank0(unwrapped)
         if ema is not None:
-            ema.update(unwrapped[0])
+            ema.update(torch.nn.ModuleList(unwrapped))
         names = sorted(sums)
         means = accelerator.reduce(torch.stack([sums[k] for k in names]).to(accelerator.device), "mean")
         scalars = dict(zip(names, means.tolist()))
@@ -371,11 +391,19 @@ def run_training(model: torch.nn.Module, dataset: Dataset, config: LoopConfig,
     raw_state = None
     if ema is not None:
         raw_state = {k: v.detach().clone() for k, v in unwrapped[0].state_dict().items()}
-        ema.copy_to(unwrapped[0])
+        ema.copy_to(torch.nn.ModuleList(unwrapped))
     for m in unwrapped:
         m.eval()
+    to_export = unwrapped[0]
+    if sharded:
+        # the full weights, gathered by every rank (a collective), into a plain copy of the original class
+        full = accelerator.get_state_dict(prepared[0])
+        if accelerator.is_main_process:
+            to_export = classes[0].from_config(to_export.config)
+            to_export.load_state_dict(full)
+            to_export.eval()
     if config.output_dir is not None and accelerator.is_main_process:
-        export(unwrapped[0], config.output_dir, raw_state)
+        export(to_export, config.output_dir, raw_state)
         with open(os.path.join(config.output_dir, "train_log.json"), "w") as f:
             json.dump(dataclasses.asdict(result), f, indent=1)
     accelerator.wait_for_everyone()
