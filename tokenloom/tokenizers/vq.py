@@ -73,8 +73,8 @@ class VQTokenizer(ImageTokenizer):
         if len(decoder_ch_mult) != len(ch_mult):
             raise ValueError(f"decoder_ch_mult must have as many levels as ch_mult ({len(ch_mult)}) so that "
                              f"decoding undoes the downsampling, got {list(decoder_ch_mult)!r}")
-        self.encoder = Encoder(3, ch, ch_mult, num_res_blocks, z_channels, attn_levels=attn_levels,
-                               mid_attn=mid_attn, norm_groups=norm_groups)
+        self.encoder = self.build_encoder(ch, ch_mult, num_res_blocks, z_channels, attn_levels, mid_attn,
+                                          norm_groups)
         self.decoder = Decoder(3, ch, decoder_ch_mult, num_res_blocks, z_channels, attn_levels=decoder_attn_levels,
                                mid_attn=mid_attn, norm_groups=norm_groups)
         self.downsample_factor = self.encoder.downsample_factor
@@ -89,6 +89,13 @@ class VQTokenizer(ImageTokenizer):
         self.post_quant_conv = nn.Conv2d(codebook_dim, z_channels, 1)
         self.recon_loss_name = recon_loss
         self.codebook_weight = float(codebook_weight)
+
+    @staticmethod
+    def build_encoder(ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
+                      attn_levels: Sequence[int] | None, mid_attn: bool, norm_groups: int) -> nn.Module:
+        """The encoder, ``[B, 3, H, W]`` → ``[B, z_channels, H/f, W/f]``: LlamaGen's conv encoder here."""
+        return Encoder(3, ch, ch_mult, num_res_blocks, z_channels, attn_levels=attn_levels, mid_attn=mid_attn,
+                       norm_groups=norm_groups)
 
     @property
     def spec(self) -> TokenSpec:
