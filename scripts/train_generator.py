@@ -8,7 +8,8 @@ or ``runs/<recipe name>``; the generator goes to ``DIR/generator``, a tokenizer 
 ``DIR/tokenizer``), ``--resume latest|CHECKPOINT``. Prints a JSON summary at the end. Two CPU ranks:
 ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`` or
 ``--config_file configs/accelerate/cpu_2proc.yaml`` (set ``train.max_minutes=null``: a time budget is
-single-process only).
+single-process only). FSDP: ``--config_file configs/accelerate/fsdp.yaml`` (GPUs) or ``fsdp_cpu.yaml`` (two CPU
+ranks over gloo).
 """
 
 from __future__ import annotations

@@ -223,3 +223,37 @@ def test_torch_compile_option_trains_and_exports_plain_weights(tmp_path):
     exported = type(model).from_pretrained(tmp_path)
     for k, v in weights(reference).items():
         torch.testing.assert_close(weights(exported)[k], v, rtol=1e-3, atol=1e-4)
+
+
+
+def test_ema_averages_every_trained_module_by_its_rule():
+    """The EMA covers the extra modules too (a jointly trained text conditioner): each ends as the average of its
+    raw weights, shadow <- d*shadow + (1 - d)*param after every step, d = min(decay, (1 + n) / (10 + n))."""
+    from tokenloom.training.loop import LoopConfig, run_training
+
+    def run(ema_decay):
+        torch.manual_seed(0)
+        model, extra = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        seen = []  # raw weights before every step
+
+        def forward(modules, batch):
+            m, e = modules
+            seen.append((m.weight.item(), e.weight.item()))
+            return {"loss": ((m(batch[0]) + 2 * e(batch[0]) - 3.0) ** 2).mean()}
+
+        cfg = LoopConfig(max_steps=6, batch_size=4, lr=0.1, warmup_steps=0, progress=False, threads=1,
+                         log_with="none", ema_decay=ema_decay)
+        _, (m, e) = run_training(model, torch.utils.data.TensorDataset(torch.ones(16, 1)), cfg, forward,
+                                 param_groups=lambda mods: [{"params": [p for x in mods for p in x.parameters()]}],
+                                 schedule=lambda step, progress: 1.0, extra_modules=(extra,))
+        return seen, (m.weight.item(), e.weight.item())
+
+    seen, final_raw = run(None)
+    seen_ema, got = run(0.8)
+    assert seen_ema == seen  # the EMA does not change training
+    shadow = list(seen[0])
+    for n, raw in enumerate(seen[1:] + [final_raw]):
+        d = min(0.8, (1 + n) / (10 + n))
+        shadow = [d * s + (1 - d) * v for s, v in zip(shadow, raw)]
+    assert got == pytest.approx(shadow, rel=1e-6)
+    assert abs(got[1] - final_raw[1]) > 1e-3  # the extra module holds its average, not its raw weights
