@@ -1,8 +1,12 @@
-"""Continuous speculative decoding (``ContinuousSD``) and the ``"gaussian"`` head.
+"""Continuous speculative decoding (``ContinuousSD``), the ``"gaussian"`` head and diffusion trajectories.
 
 Exactness: on RasterAR models with GaussianHead the output law must be the target's — one-sample KS against the known
 Gaussian (context-free toy, first position of a context-dependent model) and two-sample KS against sequential
 decoding, >= 20,000 samples, p > 0.001; the acceptance rate must be ``1 − TV(p_t, p_d)`` within binomial noise.
+With diffusion heads (4 DDPM steps, briefly trained tiny heads whose draft learnt shifted data) the output must match
+the target's own sampler (two-sample KS per position, channel and on projections), and two biased variants — accept
+everything, or accept the trajectory without the change of variables of the last step (the draft's final function)
+— must fail the same tests.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import math
 import pytest
 import torch
 from scipy.stats import ks_2samp, kstest, norm
+from torch import Tensor
 
 from tokenloom.config import SamplingParams
 from tokenloom.generators.condition import Condition
 from tokenloom.generators.decoding import ContinuousSD
+from tokenloom.generators.decoding.trajectory import DiffusionLaw
 from tokenloom.generators.raster_ar import RasterAR
 from tokenloom.heads.gaussian import GaussianHead
 from tokenloom.tokens import Sequence, Tokens, TokenSpec
@@ -198,11 +204,26 @@ def test_bad_input():
         ContinuousSD(draft=index)
     with pytest.raises(ValueError, match="target must generate 'continuous' tokens"):
         index.generate(Condition(batch=2), decoding=ContinuousSD(draft=target))
-    diffusion = model(head="diffusion", depth=1, mlp_width=16)
-    with pytest.raises(ValueError, match="no tractable density"):
-        ContinuousSD(draft=diffusion)
-    with pytest.raises(ValueError, match="no tractable density"):
+    diffusion = model(head="diffusion", depth=1, mlp_width=16, num_sampling_steps=4, num_train_steps=10)
+    with pytest.raises(ValueError, match="same kind of variable, got draft GaussianHead and target DiffusionHead"):
         diffusion.generate(Condition(batch=2), decoding=ContinuousSD(draft=target))
+    other_steps = model(head="diffusion", depth=1, mlp_width=16, num_sampling_steps=3, num_train_steps=10)
+    with pytest.raises(ValueError, match="target's head takes 4 denoising steps and the draft's 3"):
+        diffusion.generate(Condition(batch=2), decoding=ContinuousSD(draft=other_steps))
+    diffusion.generate(Condition(batch=2), SamplingParams(num_steps=2), decoding=ContinuousSD(draft=other_steps))
+    flow = model(head="flow", depth=1, mlp_width=16)
+    with pytest.raises(ValueError, match=r"FlowHead with solver='euler'; its solvers \('euler', 'heun'\) are "
+                                         r"deterministic"):
+        ContinuousSD(draft=flow)
+    with pytest.raises(ValueError, match="FlowHead with solver='euler'"):
+        flow.generate(Condition(batch=2), decoding=ContinuousSD(draft=flow))
+    clipped = model(head="diffusion", depth=1, mlp_width=16, clip_denoised=1.0)
+    with pytest.raises(ValueError, match="clip_denoised=1.0; the clamp .* not injective"):
+        ContinuousSD(draft=clipped)
+    cold = model(head="diffusion", depth=1, mlp_width=16, num_sampling_steps=4, num_train_steps=10,
+                 noise_temperature=0.0)
+    with pytest.raises(ValueError, match="noise_temperature=0"):
+        cold.generate(Condition(batch=2), decoding=ContinuousSD(draft=cold))
     with pytest.raises(ValueError, match="must be a RasterAR"):
         ContinuousSD(draft=torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="list of 2"):
@@ -220,3 +241,138 @@ def test_grid_layout_runs_through_generate():
     out = target.generate(torch.tensor([0, 1, 1]), SamplingParams(guidance_scale=1.5), decoding=dec)
     assert out.data.shape == (3, 6, 2) and out.data.isfinite().all()
     assert dec.last_stats["tokens"] == 6 and 2 <= dec.last_stats["forward_passes"] <= 6
+
+
+# ------------------------------------------------------------------ diffusion heads
+DIFFUSION = dict(depth=1, mlp_width=16, num_sampling_steps=4, num_train_steps=10)
+N_DIFFUSION = 10_000  # the biased variants fail at p < 1e-25 with 4,000 samples
+
+
+class GaussianDataDenoiser(torch.nn.Module):
+    """A denoiser close to the optimal one for data ``x0 ~ N(mu(z), s²)``, ``mu(z) = shift + tanh(z W)/2``.
+
+    ``eps = sqrt(1 − ā)(x − sqrt(ā) mu) / (ā s² + 1 − ā) + 0.3 sqrt(ā) tanh(2x)`` (the last term makes the last step
+    nonlinear), variance value ``v = tanh(sum x)/2``. Stands in for a trained head: an untrained or briefly trained
+    MLP errs at the top step, where the cosine chain multiplies eps errors by ~90, and its samples blow up.
+    """
+
+    def __init__(self, head, dim: int, shift: float, s: float, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("w", torch.randn(head.width, dim, generator=g) / math.sqrt(head.width))
+        self.register_buffer("abar", head.train_chain.alphas_cumprod.float())
+        self.shift, self.s = shift, s
+
+    def forward(self, x: Tensor, t: Tensor, z: Tensor) -> Tensor:
+        a = self.abar[t.long()][:, None]
+        mu = self.shift + 0.5 * torch.tanh(z.float() @ self.w)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * self.s ** 2 + 1 - a) + 0.3 * a.sqrt() * torch.tanh(2 * x)
+        v = 0.5 * torch.tanh(x.sum(-1, keepdim=True)).expand_as(x)
+        return torch.cat([eps, v], -1)
+
+
+def diffusion_model(dim: int, shift: float, s: float, condition: str = "none", length: int = 4) -> RasterAR:
+    """RasterAR (backbone seed 0, weights ~ N(0, 0.5²) for context dependence) with a GaussianDataDenoiser head."""
+    m = model(length=length, dim=dim, head="diffusion", condition=condition, seed=0, scale=0.5, **DIFFUSION)
+    m.output_head.net = GaussianDataDenoiser(m.output_head, dim, shift, s, seed=7)
+    return m.eval()
+
+
+class AlwaysAccept(DiffusionLaw):
+    """Biased: no trajectory ratio (every draft accepted) — the output is the draft's law."""
+
+    def sample(self, z, z_uncond, params, generator, with_log_prob=True):
+        v, _ = super().sample(z, z_uncond, params, generator, with_log_prob=False)
+        return v, torch.zeros(z.shape[0], dtype=torch.float64)
+
+    def log_prob(self, v, z, z_uncond, params):
+        return torch.zeros(z.shape[0], dtype=torch.float64)
+
+
+class DraftFinalFunction(DiffusionLaw):
+    """Biased: the ratio of the stochastic states ``(x_S, …, x_1)`` as drawn, output the draft's ``f_d(x_1)``."""
+
+    def sample(self, z, z_uncond, params, generator, with_log_prob=True):
+        v, _ = super().sample(z, z_uncond, params, generator, with_log_prob=False)
+        return v, self.log_prob(v, z, z_uncond, params)
+
+    def log_prob(self, v, z, z_uncond, params):
+        return self.states_log_prob(v[:, :-1].to(z.dtype), z, z_uncond, params)
+
+
+class Biased(ContinuousSD):
+    def __init__(self, law_class, **kw):
+        super().__init__(**kw)
+        self.law_class = law_class
+
+    def law(self, model, what):
+        return self.law_class(model.output_head) if hasattr(self, "law_class") else super().law(model, what)
+
+
+def diffusion_stats(x: Tensor) -> list[Tensor]:
+    """Marginals of every position and channel, and projections across positions and channels: ``x: [N, L, D]``."""
+    out = [x[:, i, c] for i in range(x.shape[1]) for c in range(x.shape[2])]
+    out += [x[:, 1:].sum((1, 2)), x[:, 2, 0] - x[:, 1, -1], x[:, 3].sum(1)]
+    return out
+
+
+def min_ks(a: Tensor, b: Tensor) -> float:
+    return min(ks_2samp(s.numpy(), r.numpy()).pvalue for s, r in zip(diffusion_stats(a), diffusion_stats(b)))
+
+
+@torch.no_grad()
+def test_diffusion_law_samples_as_the_head_and_scores_its_own_draws():
+    target = diffusion_model(2, 0.0, 0.3)
+    head, params = target.output_head, SamplingParams()
+    z = torch.randn(64, 16)
+    law = DiffusionLaw(head)
+    v, log_p = law.sample(z, None, params, torch.Generator().manual_seed(3))
+    want = head.sample(z, params, torch.Generator().manual_seed(3))
+    assert v.shape == (64, 5, 2)
+    torch.testing.assert_close(v[:, -1], want)  # same arithmetic, same random draws in the same order
+    # scoring the draw (Newton inverse of the last step) gives the density computed while sampling
+    torch.testing.assert_close(law.log_prob(v, z, None, params), log_p, atol=2e-3, rtol=1e-5)
+    # the change of variables: the token density integrates to 1 (1 step, D = 1, x_1 ~ N(0, 1), y = f(x_1))
+    one = diffusion_model(1, 0.0, 0.3)
+    law1, p1 = DiffusionLaw(one.output_head), SamplingParams(num_steps=1)
+    y = torch.linspace(-8, 8, 4001)[:, None]
+    z1 = torch.randn(1, 16).expand(4001, -1)
+    dens = law1.log_prob(torch.stack([y, y], 1), z1, None, p1).exp()
+    assert abs(float(dens.sum() * (y[1, 0] - y[0, 0])) - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("dim,condition", [(1, "none"), (2, "class")])
+def test_diffusion_heads_match_the_target_sampler(dim, condition):
+    target, draft = diffusion_model(dim, 0.0, 0.3, condition), diffusion_model(dim, 0.3, 0.4, condition)
+    cond = torch.arange(N_DIFFUSION) % 3 if condition == "class" else Condition(batch=N_DIFFUSION)
+    params = SamplingParams(guidance_scale=1.5) if condition == "class" else SamplingParams()
+    dec = ContinuousSD(draft=draft, gamma=3)
+    sd = target.generate(cond, params, torch.Generator().manual_seed(1), decoding=dec).data
+    seq = target.generate(cond, params, torch.Generator().manual_seed(2)).data
+    assert min_ks(sd, seq) > ALPHA
+    s = dec.last_stats
+    assert 0.1 < s["acceptance_rate"] < 0.9, s
+    # a batch waits for its slowest row (4 passes here, as sequential); the head cost is the price of scoring
+    assert s["forward_passes"] <= 4 and s["target_head_evals"] > s["sequential_head_evals"]
+    # the draft's own law is far from the target's: the test has power
+    assert min_ks(draft.generate(cond, params, torch.Generator().manual_seed(3)).data, seq) < 1e-6
+
+
+@pytest.mark.parametrize("law_class", [AlwaysAccept, DraftFinalFunction])
+def test_biased_diffusion_variants_are_detected(law_class):
+    target, draft = diffusion_model(1, 0.0, 0.3), diffusion_model(1, 0.3, 0.4)
+    dec = Biased(law_class, draft=draft, gamma=3)
+    sd = target.generate(Condition(batch=N_DIFFUSION), generator=torch.Generator().manual_seed(1), decoding=dec).data
+    seq = target.generate(Condition(batch=N_DIFFUSION), generator=torch.Generator().manual_seed(2)).data
+    assert min_ks(sd, seq) < 1e-6
+
+
+def test_identical_diffusion_draft_accepts_everything():
+    target = diffusion_model(2, 0.0, 0.3)
+    dec = ContinuousSD(draft=target, gamma=3)
+    target.generate(Condition(batch=64), generator=torch.Generator().manual_seed(0), decoding=dec)
+    s = dec.last_stats
+    assert s["acceptance_rate"] == 1.0 and s["forward_passes"] == 2 and s["proposed"] == 64 * 3
+    assert s["draft_head_evals"] == 64 * 3 * 4 and s["sequential_head_evals"] == 64 * 4 * 4
+    # target: the first token by the sampler (4 steps) + scoring 3 drafts (3 steps + >= 1 Newton step); no bonus
+    assert s["target_head_evals"] >= 64 * (4 + 3 * 4)

@@ -5,7 +5,8 @@
 * :class:`GroupedSD` — SJD with dynamic-group relaxed acceptance (GSD); each token within TV ``delta``.
 * :class:`ZipAR` — next-set decoding of raster grids (rows in parallel behind a window).
 * :class:`ContinuousSD` — speculative decoding of continuous tokens with a draft model; exact for heads with a
-  density (``"gaussian"``); diffusion/flow heads (trajectory densities) are not implemented.
+  density (``"gaussian"``) and for diffusion heads through their denoising trajectories (:mod:`.trajectory`);
+  flow heads (deterministic ODE solvers, no density) are refused.
 """
 
 from tokenloom.generators.decoding.base import Decoding, GridTarget, OrderedTarget, run_decoding

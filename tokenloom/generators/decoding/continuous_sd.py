@@ -1,38 +1,50 @@
 """Continuous speculative decoding (CSpD; Wang et al. 2024) for RasterAR over continuous tokens: draft + target model.
 
-Each round, the draft model proposes ``gamma`` tokens one after another, ``x_j ~ p_d(· | prefix, x_<j)``; the target
-scores all of them (and one position more) in a single forward pass; draft ``x_j`` is accepted with probability
-``min(1, p_t(x_j) / p_d(x_j))``, left to right. At the first rejection the token is redrawn from the residual
-``r ∝ max(0, p_t − p_d)`` by rejection sampling — draw ``y ~ p_t``, keep it with probability
-``max(0, 1 − p_d(y) / p_t(y))`` — and the round ends; when all ``gamma`` drafts are accepted the target's extra
-position gives a bonus token drawn from ``p_t``. The first token comes from the target's prefill.
+Each round, the draft model proposes ``gamma`` tokens one after another; each proposal is a *variable*
+``V_j ~ p_d(· | prefix, tokens_<j)`` whose last entry is the token (:mod:`.trajectory`): the token itself for the
+``"gaussian"`` head, the whole denoising trajectory ``(x_S, …, x_1, y)`` for the ``"diffusion"`` head. The target
+scores all of them (and one position more) in a single backbone pass plus head evaluations; ``V_j`` is accepted with
+probability ``min(1, p_t(V_j) / p_d(V_j))``, left to right. At the first rejection the variable is redrawn from the
+residual ``r ∝ max(0, p_t − p_d)`` by rejection sampling — draw ``V ~ p_t`` with the target's sampler, keep it with
+probability ``max(0, 1 − p_d(V) / p_t(V))`` — and the round ends; when all ``gamma`` drafts are accepted the
+target's extra position gives a bonus token from its sampler. The first token comes from the target's prefill.
 
-What is exact: with heads that have a tractable density (``log_prob``; the ``"gaussian"`` head,
-:class:`tokenloom.heads.gaussian.GaussianHead`), the samples follow the target model's joint distribution exactly,
-for any draft and any ``gamma`` (speculative sampling, Leviathan et al. 2023, holds for densities: the accepted mass
-is ``min(p_t, p_d)`` and the residual supplies ``p_t − min(p_t, p_d)``; the rejection step draws from the residual
-exactly because ``max(0, p_t − p_d) <= p_t``, with acceptance rate ``TV(p_t, p_d)`` per try). Guidance and
-temperature enter both densities through the heads' ``log_prob`` with the same params as their ``sample``.
-``tests/test_decoding_continuous.py`` checks the output law (KS tests) and the acceptance rate ``1 − TV``.
+What is exact: the committed variables follow the target's law over ``V`` (speculative sampling, Leviathan et al.
+2023, holds for densities: the accepted mass is ``min(p_t, p_d)`` and the residual supplies ``p_t − min(p_t, p_d)``;
+the rejection step draws from the residual exactly because ``max(0, p_t − p_d) <= p_t``, with acceptance rate
+``TV(p_t, p_d)`` per try). The token is a coordinate of ``V`` and is exactly what is fed to the next position, so the
+tokens follow the target model's joint distribution, for any draft and any ``gamma``:
+
+* ``"gaussian"`` head: ``V`` = the token, density ``log_prob`` (closed form).
+* ``"diffusion"`` head: ``V = (x_S, …, x_2, y)``, every stochastic DDPM step a Gaussian and the deterministic last
+  step ``y = f(x_1)`` handled by a change of variables; see :mod:`.trajectory` for the density and the proof.
+  Needs the same number of denoising steps in both heads, ``noise_temperature > 0`` and ``clip_denoised=None``.
+
+Guidance and temperature enter both densities exactly as the heads' ``sample`` uses them (guided output, each
+head's own ``noise_temperature``; params of position ``t`` are ``params.at_step(t, L)``). ``tests/test_decoding_
+continuous.py`` checks the output law (KS tests against the target's own sampler) and that a biased variant fails.
 
 What is not exact / not done:
 
 * The residual draw is capped at ``max_residual_tries`` proposals per token; if a row exhausts it a ``RuntimeError``
   is raised (never a silent biased token). A row reaches the residual with probability ``TV`` and needs ``1/TV``
   tries on average, so the chance of the error is at most ``~1 / (e · max_residual_tries)`` per token.
-* Diffusion and flow heads are **not supported** (clear error): their per-token density is not available in closed
-  form. CSpD's answer — the joint density of the sampled denoising trajectory under both models, with shared noise
-  (trajectory alignment) — is not implemented here.
-* Float32 densities: ``p_t / p_d`` is computed as ``exp(log p_t − log p_d)``; rounding is the only departure.
+* Flow heads are refused (clear error): their ``"euler"`` / ``"heun"`` samplers are deterministic ODEs.
+* Float densities: ``p_t / p_d`` is ``exp(log p_t − log p_d)`` in float64 of float32 head outputs; the diffusion
+  law also inverts ``f`` to a residual of ``1e-6 · (1 + |y|)``. Rounding and that residual are the only departures.
 
 Batches: rows accept different numbers of tokens. A round starts at the least advanced row; positions a row already
 committed are fed again as forced drafts and count as accepted (they are final), so every row is exact; the batch
-takes as many rounds as its slowest row. ``last_stats`` holds ``forward_passes`` (target backbone calls, prefill
-included), ``draft_passes``, ``proposed`` / ``accepted`` (non-forced drafts) and ``acceptance_rate``.
+takes as many rounds as its slowest row. ``last_stats``: ``forward_passes`` (target backbone calls, prefill
+included), ``draft_passes``, ``proposed`` / ``accepted`` (non-forced drafts), ``acceptance_rate``, and the head cost
+apart from the backbone: ``target_head_evals`` / ``draft_head_evals`` (one head network evaluation of one token at
+one denoising step; a guided pair counts once), ``target_head_jacobians`` / ``draft_head_jacobians`` (Jacobians of
+the last step, ``D`` backward passes each), ``*_head_calls`` (batched network calls) and
+``sequential_head_evals`` (what one-token-per-pass decoding evaluates: ``B · L · steps``).
 
-Written here because CSpD targets MAR-style diffusion heads through their denoising trajectories; this is the plain
-exact acceptance–rejection scheme for heads with a density, batched over rows with different acceptance counts, on
-RasterAR's KV caches (``step`` with several tokens, ``KVCache.truncate``).
+Written here because CSpD targets MAR-style diffusion heads through their denoising trajectories, and we need the
+exact variant batched over rows with different acceptance counts, on RasterAR's KV caches (``step`` with several
+tokens, ``KVCache.truncate``).
 """
 
 from __future__ import annotations
@@ -41,15 +53,17 @@ import torch
 from torch import Tensor
 
 from tokenloom.generators.decoding.base import Decoding, check_rows, validate_int
+from tokenloom.generators.decoding.trajectory import TokenLaw, law_for
 from tokenloom.kernels import row_uniforms
+from tokenloom.kernels.checks import PER_ROW_FIELDS
 from tokenloom.tokens import Tokens
 
 
 class _Runner:
-    """One model (draft or target) with its KV cache; ``z`` rows ``[B']`` (``2B`` with the guidance rows)."""
+    """One model (draft or target) with its KV cache and token law; ``z`` rows ``[B']`` (``2B`` when guided)."""
 
-    def __init__(self, model, cond, guided: bool):
-        self.model, self.guided = model, guided
+    def __init__(self, model, cond, guided: bool, law: TokenLaw):
+        self.model, self.guided, self.law = model, guided, law
         self.b = cond.batch_size
         prefix = model.embed_prefix(cond, guided, drop=False)
         self.cache = model.new_cache(prefix.x.shape[0])
@@ -72,15 +86,29 @@ class _Runner:
             self.fed = n
 
     def split(self, z: Tensor, params) -> tuple[Tensor, Tensor | None]:
-        use = self.guided and params.guidance_scale != 1.0
-        return z[:self.b], (z[self.b:] if use else None)
+        """``z: [B', C]`` of any ``n`` rows (``[2n, C]`` when guided) → ``(cond [n, C], uncond [n, C] or None)``."""
+        if not self.guided:
+            return z, None
+        zc, zu = z.chunk(2)
+        return zc, (zu if params.guidance_scale != 1.0 else None)
 
-    def log_prob(self, x: Tensor, z: Tensor, params) -> Tensor:
-        zc, zu = self.split(z, params)
-        return self.model.output_head.log_prob(x, zc, params, zu)
+    def rows(self, z: Tensor, idx: Tensor) -> Tensor:
+        """The rows ``idx`` of ``z: [B', C]`` (with their guidance rows)."""
+        return torch.cat([z[idx], z[self.b + idx]]) if self.guided else z[idx]
 
-    def sample(self, z: Tensor, params, generator) -> Tensor:
+    def draw(self, z: Tensor, params, generator, with_log_prob: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(V [B, K, D], log p(V) [B] or None)`` from this model's sampler."""
         zc, zu = self.split(z, params)
+        return self.law.sample(zc, zu, params, generator, with_log_prob)
+
+    def log_prob(self, v: Tensor, z: Tensor, params) -> Tensor:
+        zc, zu = self.split(z, params)
+        return self.law.log_prob(v, zc, zu, params)
+
+    def token(self, z: Tensor, params, generator) -> Tensor:
+        """``[B, D]``: one token from the head's own ``sample``."""
+        zc, zu = self.split(z, params)
+        self.law.count_sample(zc.shape[0], params)
         return self.model.output_head.sample(zc, params, generator, z_uncond=zu).float()
 
 
@@ -88,7 +116,8 @@ class ContinuousSD(Decoding):
     """Speculative decoding of continuous tokens with a draft RasterAR (see the module docstring).
 
     Args:
-        draft: a RasterAR over the same continuous TokenSpec as the target, with a ``log_prob`` head.
+        draft: a RasterAR over the same continuous TokenSpec as the target, with a ``"gaussian"`` or ``"diffusion"``
+            head (the same kind as the target's).
         gamma: ``>= 1`` draft tokens per round.
         max_residual_tries: cap on the proposals of one residual draw (see the module docstring).
     """
@@ -105,6 +134,10 @@ class ContinuousSD(Decoding):
     def __repr__(self) -> str:
         return f"ContinuousSD(draft={type(self.draft).__name__}, gamma={self.gamma})"
 
+    def law(self, model, what: str) -> TokenLaw:
+        """The token law of ``model``'s head (``what``: "draft" / "target")."""
+        return law_for(model.output_head, what)
+
     def _check_one(self, model, what: str) -> None:
         name = getattr(type(model), "registry_name", type(model).__name__)
         if name not in self.supports:
@@ -113,10 +146,7 @@ class ContinuousSD(Decoding):
         if model.spec.kind != "continuous":
             raise ValueError(f"ContinuousSD: the {what} must generate 'continuous' tokens, got "
                              f"kind={model.spec.kind!r} ({model.spec}); use SJD for index tokens")
-        if not hasattr(model.output_head, "log_prob"):
-            raise ValueError(f"ContinuousSD: the {what}'s head {type(model.output_head).__name__} has no tractable "
-                             f"density (log_prob); exact continuous speculative decoding needs head='gaussian' "
-                             f"(diffusion/flow trajectory densities are not implemented)")
+        self.law(model, what)
 
     def check_model(self, model) -> None:
         self._check_one(model, "target")
@@ -126,6 +156,10 @@ class ContinuousSD(Decoding):
         if model.condition_kind != self.draft.condition_kind:
             raise ValueError(f"ContinuousSD: draft and target must take the same condition, got draft "
                              f"{self.draft.condition_kind!r} and target {model.condition_kind!r}")
+        head_t, head_d = type(model.output_head), type(self.draft.output_head)
+        if head_t is not head_d:
+            raise ValueError(f"ContinuousSD: draft and target heads must sample the same kind of variable, got draft "
+                             f"{head_d.__name__} and target {head_t.__name__}")
 
     def generate(self, model, cond, params, generator, **options) -> Tokens:
         if options:
@@ -138,22 +172,31 @@ class ContinuousSD(Decoding):
         if guided and model.condition_kind == "none":
             raise ValueError(f"guidance needs a conditional generator; condition='none' "
                              f"(guidance_scale={params.guidance_scale})")
+        law_t, law_d = self.law(model, "target"), self.law(self.draft, "draft")
+        for t in range(model.spec.length):
+            at = params.at_step(t, model.spec.length)
+            k_t, k_d = law_t.size(at), law_d.size(at)
+            if k_t != k_d:
+                raise ValueError(f"ContinuousSD: draft and target must sample variables of the same size; with "
+                                 f"params.num_steps={params.num_steps} the target's head takes {k_t - 1} denoising "
+                                 f"steps and the draft's {k_d - 1} (set params.num_steps or equal "
+                                 f"num_sampling_steps)")
         draft_was_training = self.draft.training
         self.draft.eval()
         try:
-            values = self._run(model, cond, params, generator, guided)
+            values = self._run(model, cond, params, generator, guided, law_t, law_d)
         finally:
             self.draft.train(draft_was_training)
         return Tokens(values.to(model.dtype), model.spec)
 
-    def _run(self, model, cond, params, generator, guided: bool) -> Tensor:
+    def _run(self, model, cond, params, generator, guided: bool, law_t: TokenLaw, law_d: TokenLaw) -> Tensor:
         spec, dev = model.spec, model.device
         length, b = spec.length, cond.batch_size
         cond = cond.to(dev)
-        tgt, drf = _Runner(model, cond, guided), _Runner(self.draft, cond, guided)
+        tgt, drf = _Runner(model, cond, guided, law_t), _Runner(self.draft, cond, guided, law_d)
         at = [params.at_step(t, length) for t in range(length)]
         values = torch.zeros(b, length, spec.dim, device=dev)
-        values[:, 0] = tgt.sample(tgt.z0, at[0], generator)
+        values[:, 0] = tgt.token(tgt.z0, at[0], generator)
         committed = torch.ones(b, dtype=torch.long, device=dev)
         rows = torch.arange(b, device=dev)
         proposed = accepted = 0
@@ -162,24 +205,24 @@ class ContinuousSD(Decoding):
             g = min(self.gamma, length - c)
             # -- draft: catch up to position c-1, then propose positions c..c+g-1
             z = drf.feed(values[:, drf.fed:c])[:, -1] if drf.fed < c else None
-            log_q = torch.zeros(b, g, device=dev)
-            z_draft = []
+            log_q = torch.zeros(b, g, dtype=torch.float64, device=dev)
+            z_draft, drafts = [], []
             for j in range(g):
                 pos = c + j
                 if j > 0:
                     z = drf.feed(values[:, pos - 1:pos])[:, -1]
                 z_draft.append(z)
-                x = drf.sample(z, at[pos], generator)
+                v, log_q[:, j] = drf.draw(z, at[pos], generator)
+                drafts.append(v)
                 free = pos >= committed  # rows whose token here is not final yet
-                values[:, pos] = torch.where(free[:, None], x, values[:, pos])
-                log_q[:, j] = drf.log_prob(values[:, pos], z, at[pos])
-            # -- target: one pass over positions c-1..c+g-1 (the last only for a bonus position)
+                values[:, pos] = torch.where(free[:, None], v[:, -1], values[:, pos])
+            # -- target: one pass over positions c-1..c+g-1 (the last only for a bonus position), then its head
             n_feed = g + (1 if c + g < length else 0)
             zt = tgt.feed(values[:, c - 1:c - 1 + n_feed])  # [B', n_feed, C]: predicts positions c..c+n_feed-1
-            log_p = torch.stack([tgt.log_prob(values[:, c + j], zt[:, j], at[c + j]) for j in range(g)], 1)
+            log_p = torch.stack([tgt.log_prob(drafts[j], zt[:, j], at[c + j]) for j in range(g)], 1)
             u = row_uniforms(generator, b, dev, per_row=g)
             forced = torch.arange(c, c + g, device=dev)[None] < committed[:, None]  # [B, g]
-            ok = forced | (u < (log_p - log_q).double().exp())
+            ok = forced | (u < (log_p - log_q).exp())
             n_acc = torch.cumprod(ok.long(), 1).sum(1)  # leading accepted drafts per row
             free_seen = ~forced & (torch.arange(g, device=dev)[None] <= n_acc[:, None])
             proposed += int(free_seen.sum())
@@ -194,7 +237,7 @@ class ContinuousSD(Decoding):
             # -- bonus token: every draft accepted and a position left
             bonus = ~rej & (c + g < length) & (new_committed == c + g)
             if bool(bonus.any()):
-                x = tgt.sample(zt[:, g], at[c + g], generator)
+                x = tgt.token(zt[:, g], at[c + g], generator)
                 values[rows[bonus], c + g] = x[bonus]
                 new_committed = torch.where(bonus, c + g + 1, new_committed)
             committed = new_committed
@@ -203,11 +246,17 @@ class ContinuousSD(Decoding):
             drf.truncate(c - 1)
         self.last_stats = {"forward_passes": tgt.passes, "draft_passes": drf.passes, "tokens": length, "rows": b,
                            "proposed": proposed, "accepted": accepted,
-                           "acceptance_rate": accepted / proposed if proposed else float("nan")}
+                           "acceptance_rate": accepted / proposed if proposed else float("nan"),
+                           "target_head_evals": law_t.evals, "draft_head_evals": law_d.evals,
+                           "target_head_jacobians": law_t.jacobians, "draft_head_jacobians": law_d.jacobians,
+                           "target_head_calls": law_t.calls, "draft_head_calls": law_d.calls,
+                           "sequential_head_evals": b * sum(law_t.evals_per_token(p) for p in at)}
         return values
 
     def _residual(self, tgt, drf, zt, z_draft, values, c, j_rej, rej, at, generator) -> None:
-        """Redraw ``values[r, c + j_rej[r]]`` for rows ``rej`` from ``∝ max(0, p_t − p_d)`` by rejection."""
+        """Redraw ``values[r, c + j_rej[r]]`` for rows ``rej`` from ``∝ max(0, p_t − p_d)`` by rejection.
+
+        Each try draws and scores only the rows still pending (with their generators and per-row params)."""
         b, dev = values.shape[0], values.device
         rows = torch.arange(b, device=dev)
         pending = rej.clone()
@@ -219,11 +268,15 @@ class ContinuousSD(Decoding):
                 if tries >= self.max_residual_tries:
                     raise RuntimeError(f"ContinuousSD: residual draw at position {pos} found no sample in "
                                        f"{tries} tries (max_residual_tries); p_target ≈ p_draft there")
-                y = tgt.sample(zt[:, j], at[pos], generator)
-                lp, lq = tgt.log_prob(y, zt[:, j], at[pos]), drf.log_prob(y, z_draft[j], at[pos])
-                keep_prob = (1.0 - (lq - lp).double().exp()).clamp(min=0.0)
-                u = row_uniforms(generator, b, dev)[:, 0]
-                take = here & (u < keep_prob)
-                values[rows[take], pos] = y[take]
-                here &= ~take
+                idx = rows[here]
+                gen = [generator[i] for i in idx.tolist()] if isinstance(generator, (list, tuple)) else generator
+                p = at[pos]
+                p = p.replace(**{name: getattr(p, name)[idx] for name in PER_ROW_FIELDS
+                                 if isinstance(getattr(p, name), Tensor)})
+                v, lp = tgt.draw(tgt.rows(zt[:, j], idx), p, gen)
+                lq = drf.log_prob(v, drf.rows(z_draft[j], idx), p)
+                keep_prob = (1.0 - (lq - lp).exp()).clamp(min=0.0)
+                take = row_uniforms(gen, len(idx), dev)[:, 0] < keep_prob
+                values[idx[take], pos] = v[take, -1]
+                here[idx[take]] = False
                 tries += 1
