@@ -13,8 +13,10 @@ top-p alone (top_k 0: no top-k to bound the candidates). Methods:
 * ``sort_filter`` (b): the LlamaGen/VAR recipe — mix, divide, ``topk`` threshold, full ``sort`` + softmax +
   cumsum for top-p, softmax, ``torch.multinomial``.
 * ``amax_floor`` (c): one ``amax`` pass over the ``[B, V]`` logits — the floor a fused kernel aims at.
-* ours: ``reference`` (the plain yardstick), ``torch`` (the fast path), ``torch_compiled`` (its elementwise
-  stages through ``torch.compile``; compile time is reported separately, not timed).
+* ours: ``reference`` (the plain yardstick), ``torch`` (the fast torch path), ``torch_compiled`` (its
+  elementwise stages through ``torch.compile``; compile time is reported separately, not timed), ``numba``
+  (the fused CPU kernel, ``tokenloom[fast]``; skipped when numba is absent; compiled and cached on first use,
+  before timing).
 
 Timing: ``torch.set_num_threads(--threads)`` (default 2); every repeat runs every method once, in turn, so
 load changes on this shared machine hit all of them alike; the reported time is the median over
@@ -106,6 +108,7 @@ METHODS = {
     "reference": ours("reference"),
     "torch": ours("torch"),
     "torch_compiled": ours("torch-compiled"),
+    "numba": ours("numba"),
 }
 
 
@@ -133,7 +136,7 @@ def measure(rows: int, vocab: int, top_k: int, methods: dict, repeats: int,
 def ratios(med: dict[str, float]) -> dict[str, float]:
     """Speedups of ours over (a) and (b), and our time over the floor (c)."""
     out = {}
-    for ours_name in ("torch", "torch_compiled"):
+    for ours_name in ("torch", "torch_compiled", "numba"):
         if ours_name in med:
             out[f"{ours_name} vs hf_warpers (speedup, bar >= 5)"] = med["hf_warpers"] / med[ours_name]
             out[f"{ours_name} vs sort_filter (speedup, bar >= 3)"] = med["sort_filter"] / med[ours_name]
@@ -197,6 +200,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = dict(METHODS)
+    if not kernels.numba_available():
+        methods.pop("numba")
     compile_seconds = None
     if args.no_compile:
         methods.pop("torch_compiled")

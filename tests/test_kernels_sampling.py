@@ -15,8 +15,10 @@ from tokenloom import kernels  # noqa: E402
 from tokenloom.config import SamplingParams  # noqa: E402
 from tokenloom.kernels.reference import filtered_probs  # noqa: E402
 
-PATHS = ("reference", "torch", "triton")
-SAMPLES = {"reference": 20_000, "torch": 20_000, "triton": 4_000}  # the interpreter is slow
+BIT_PATHS = ("reference", "torch", "triton")
+PATHS = BIT_PATHS + (("numba",) if kernels.numba_available() else ())  # numba: optional (tokenloom[fast])
+SAMPLES = {"reference": 20_000, "torch": 20_000, "triton": 4_000, "numba": 20_000}  # the interpreter is slow
+needs_numba = pytest.mark.skipif(not kernels.numba_available(), reason="numba not installed (tokenloom[fast])")
 
 
 def _row(v=12, seed=0, scale=2.0):
@@ -71,7 +73,7 @@ def test_greedy_is_first_argmax(path):
     assert tokens.tolist() == [1, 0, 1]
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", BIT_PATHS)
 def test_bits_frequencies(path):
     g = torch.Generator().manual_seed(3)
     cond, uncond = torch.randn(1, 3, generator=g), torch.randn(1, 3, generator=g)
@@ -95,7 +97,7 @@ def test_bits_paths_agree_and_pair_form():
                             top_p=torch.rand(b, generator=g) * 0.9 + 0.1, min_p=torch.rand(b, generator=g) * 0.5,
                             guidance_scale=1.7)
     out = {p: kernels.sample_bits(log_odds, params, torch.Generator().manual_seed(1), uncond_logits=uncond,
-                                  backend=p) for p in PATHS}
+                                  backend=p) for p in BIT_PATHS}
     assert torch.equal(out["reference"], out["torch"]) and torch.equal(out["reference"], out["triton"])
     pairs = torch.stack([torch.zeros_like(log_odds), log_odds], -1)
     upairs = torch.stack([torch.zeros_like(uncond), uncond], -1)
@@ -130,6 +132,44 @@ def test_torch_path_matches_reference_token_for_token(b, v, ties):
         ref = kernels.sample(cond, p, torch.Generator().manual_seed(2), uncond_logits=uncond, backend="reference")
         fast = kernels.sample(cond, p, torch.Generator().manual_seed(2), uncond_logits=uncond, backend="torch")
         assert torch.equal(ref, fast), p
+
+
+@needs_numba
+@pytest.mark.parametrize("b,v,ties", [(256, 1000, False), (32, 16384, False), (128, 300, True)])
+def test_numba_path_matches_reference_token_for_token(b, v, ties):
+    """Same cases as the torch path. The numba kernel's exp and mass sums round differently from the
+    reference's (numba_sampling docstring), so a token may differ only at a rounding boundary: these
+    seeded cases have none."""
+    cond, uncond, params = _random_case(b, v, seed=v, ties=ties)
+    for p in (params, SamplingParams(top_k=v // 10), SamplingParams(top_p=0.8), SamplingParams(min_p=0.1),
+              SamplingParams(top_k=v // 10, top_p=0.9), SamplingParams(),
+              SamplingParams(top_k=v // 20, top_p=0.95, temperature=0.8, guidance_scale=1.5),
+              SamplingParams(top_k=900 if v > 900 else 9, top_p=0.96, guidance_scale=1.5)):
+        ref = kernels.sample(cond, p, torch.Generator().manual_seed(2), uncond_logits=uncond, backend="reference")
+        fast = kernels.sample(cond, p, torch.Generator().manual_seed(2), uncond_logits=uncond, backend="numba")
+        assert torch.equal(ref, fast), (p, (ref != fast).nonzero())
+
+
+@needs_numba
+def test_numba_checks_finiteness_and_overflow():
+    """The numba backend skips the finiteness sums and checks as it reads: same errors; finite logits
+    whose guided values overflow fall back to the reference."""
+    x = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        kernels.sample(torch.where(x > 1, float("nan"), x), SamplingParams(), backend="numba")
+    with pytest.raises(ValueError, match="uncond_logits contain NaN or infinite"):
+        kernels.sample(x, SamplingParams(guidance_scale=2.0), uncond_logits=torch.full((4, 10), float("inf")),
+                       backend="numba")
+    with pytest.raises(ValueError, match="uncond_logits contain NaN or infinite"):  # given, scale 1: not read
+        kernels.sample(x, SamplingParams(), uncond_logits=torch.full((4, 10), float("nan")), backend="numba")
+    with pytest.raises(ValueError, match="logits contain NaN or infinite"):
+        kernels.sample(torch.full((4, 10), -float("inf")), SamplingParams(), backend="numba")
+    big = torch.full((2, 10), 3e38)
+    big[:, 3] = -3e38
+    p = SamplingParams(guidance_scale=3.0, top_k=3)
+    out = kernels.sample(big, p, torch.Generator().manual_seed(0), uncond_logits=-big, backend="numba")
+    ref = kernels.sample(big, p, torch.Generator().manual_seed(0), uncond_logits=-big, backend="reference")
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("b,v,ties", [(48, 40, False), (24, 30, True), (3, 5000, False)])
@@ -177,20 +217,22 @@ def test_same_seed_same_tokens_and_default_backend():
     assert torch.equal(a, kernels.sample(cond, params, torch.Generator().manual_seed(0), backend="reference"))
 
 
-def test_low_precision_logits():
+@pytest.mark.parametrize("path", [p for p in PATHS if p in ("torch", "numba")])
+def test_low_precision_logits(path):
     cond = (torch.randn(16, 300) * 3).to(torch.bfloat16)  # many exact ties
     params = SamplingParams(top_k=40, top_p=0.8)
     ref = kernels.sample(cond, params, torch.Generator().manual_seed(0), backend="reference")
-    fast = kernels.sample(cond, params, torch.Generator().manual_seed(0), backend="torch")
+    fast = kernels.sample(cond, params, torch.Generator().manual_seed(0), backend=path)
     assert torch.equal(ref, fast)
 
 
-def test_strided_and_grad_logits():
+@pytest.mark.parametrize("path", [p for p in PATHS if p in ("torch", "numba")])
+def test_strided_and_grad_logits(path):
     big = torch.randn(8, 20_000, requires_grad=True)
     cond, uncond = big[:, :16_384], big[:, 1000:17_384]  # non-contiguous views of a leaf with grad
     params = SamplingParams(top_k=900, top_p=0.9, guidance_scale=1.5)
     ref = kernels.sample(cond, params, torch.Generator().manual_seed(0), uncond_logits=uncond, backend="reference")
-    fast = kernels.sample(cond, params, torch.Generator().manual_seed(0), uncond_logits=uncond, backend="torch")
+    fast = kernels.sample(cond, params, torch.Generator().manual_seed(0), uncond_logits=uncond, backend=path)
     assert torch.equal(ref, fast)
 
 

@@ -55,8 +55,13 @@ def check_params(params: SamplingParams, rows: int, vocab: int, what: str = "log
         raise ValueError(f"SamplingParams.top_k must be <= the vocabulary size {vocab}, got {max_k}")
 
 
-def check_sample_inputs(logits: Tensor, params: SamplingParams, uncond_logits: Tensor | None, generator) -> None:
-    """Raise ValueError/TypeError for anything a sampler cannot honour."""
+def check_sample_inputs(logits: Tensor, params: SamplingParams, uncond_logits: Tensor | None, generator,
+                        finite: bool = True) -> None:
+    """Raise ValueError/TypeError for anything a sampler cannot honour.
+
+    ``finite=False`` skips the finiteness sums, for a backend that checks the values as it reads them
+    (``numba_sampling``) and then calls :func:`check_finite` for the message.
+    """
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
@@ -76,6 +81,7 @@ def check_sample_inputs(logits: Tensor, params: SamplingParams, uncond_logits: T
                              f"{uncond_logits.device}")
     check_params(params, rows, vocab)
     check_generator(generator, rows)
-    check_finite("logits", logits)
-    if uncond_logits is not None:
-        check_finite("uncond_logits", uncond_logits)
+    if finite:
+        check_finite("logits", logits)
+        if uncond_logits is not None:
+            check_finite("uncond_logits", uncond_logits)
