@@ -57,3 +57,20 @@ def test_demo_writes_grid(tmp_path, capsys):
     assert all(Path(p).is_file() for p in paths)
     printed = capsys.readouterr().out
     assert str(tmp_path / "grid.png") in printed
+
+
+def test_recipe_files_describe_the_packaged_model():
+    """scripts/train_default.sh's two recipes pass the recipe schema and agree with the shipped folder."""
+    import json
+
+    from tokenloom.training.config_schema import load_recipe_file
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
+    stage1 = load_recipe_file(str(root / "shapes_default.yaml"), [])
+    stage2 = load_recipe_file(str(root / "shapes_default_finetune.yaml"), ["generator.init_from=runs/x"])
+    shipped = json.loads((ASSET / "token_generator" / "config.json").read_text())
+    for key in ("width", "depth", "num_heads", "prefix_rope"):
+        assert stage1["generator"][key] == shipped[key], key
+    defaults = json.loads((ASSET / "model_index.json").read_text())["sampling_defaults"]
+    assert stage2["sampling"]["guidance_scale"] == defaults["guidance_scale"]
+    assert stage2["generator"] == {"init_from": "runs/x"} and stage2["train"]["ema_decay"] == 0.999
