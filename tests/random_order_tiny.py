@@ -27,6 +27,7 @@ def make(condition: str = "class", seed: int = 0, spec: TokenSpec = SPEC, **kw) 
 
 
 def cond_for(condition: str, b: int = 3, seed: int = 0) -> Condition:
+    """A ``class`` / ``text`` (``[b, 3, 6]`` features with padding) / ``none`` condition for tiny generators."""
     g = torch.Generator().manual_seed(seed)
     if condition == "class":
         return Condition(labels=torch.randint(0, 5, (b,), generator=g))

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 from pipeline_tiny import randomize
+from random_order_tiny import cond_for
 from scipy.stats import chisquare
 
 from tokenloom import generators, kernels
@@ -48,17 +49,6 @@ def make(kind: str = "index", condition: str = "class", block_size: int = 4, see
                              num_heads=4, multiple_of=16, condition=condition, head=HEAD[kind],
                              head_options=HEAD_OPTIONS[kind], **{**extra, **kw})
     return randomize(model, seed) if randomise else model.eval()
-
-
-def cond_for(condition: str, b: int = 3, seed: int = 0) -> Condition:
-    g = torch.Generator().manual_seed(seed)
-    if condition == "class":
-        return Condition(labels=torch.randint(0, 5, (b,), generator=g))
-    if condition == "text":
-        mask = torch.ones(b, 3, dtype=torch.bool)
-        mask[0, 2] = mask[-1, 0] = False  # padding, including a leading pad
-        return Condition(features=torch.randn(b, 3, 6, generator=g), mask=mask)
-    return Condition(batch=b)
 
 
 def gens(seeds) -> list[torch.Generator]:
