@@ -6,7 +6,8 @@ decoding, >= 20,000 samples, p > 0.001; the acceptance rate must be ``1 − TV(p
 With diffusion heads (4 DDPM steps, briefly trained tiny heads whose draft learnt shifted data) the output must match
 the target's own sampler (two-sample KS per position, channel and on projections), and two biased variants — accept
 everything, or accept the trajectory without the change of variables of the last step (the draft's final function)
-— must fail the same tests.
+— must fail the same tests. Flow heads with ``solver="sde"`` (Euler–Maruyama, 4 steps, a velocity close to the exact
+one of Gaussian data) likewise match the target's own sampler, and an identical draft accepts everything.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 from tokenloom.config import SamplingParams
 from tokenloom.generators.condition import Condition
 from tokenloom.generators.decoding import ContinuousSD
-from tokenloom.generators.decoding.trajectory import DiffusionLaw
+from tokenloom.generators.decoding.trajectory import DiffusionLaw, FlowLaw
 from tokenloom.generators.raster_ar import RasterAR
 from tokenloom.heads.gaussian import GaussianHead
 from tokenloom.tokens import Sequence, Tokens, TokenSpec
@@ -217,6 +218,8 @@ def test_bad_input():
         ContinuousSD(draft=flow)
     with pytest.raises(ValueError, match="FlowHead with solver='euler'"):
         flow.generate(Condition(batch=2), decoding=ContinuousSD(draft=flow))
+    with pytest.raises(ValueError, match=r"FlowHead with solver='heun'.*use solver='sde'"):
+        ContinuousSD(draft=model(head="flow", depth=1, mlp_width=16, solver="heun"))
     clipped = model(head="diffusion", depth=1, mlp_width=16, clip_denoised=1.0)
     with pytest.raises(ValueError, match="clip_denoised=1.0; the clamp .* not injective"):
         ContinuousSD(draft=clipped)
@@ -376,3 +379,116 @@ def test_identical_diffusion_draft_accepts_everything():
     assert s["draft_head_evals"] == 64 * 3 * 4 and s["sequential_head_evals"] == 64 * 4 * 4
     # target: the first token by the sampler (4 steps) + scoring 3 drafts (3 steps + >= 1 Newton step); no bonus
     assert s["target_head_evals"] >= 64 * (4 + 3 * 4)
+
+
+# ------------------------------------------------------------------ flow heads (solver="sde")
+FLOW = dict(depth=1, mlp_width=16, num_sampling_steps=4, solver="sde")
+
+
+class GaussianDataVelocity(torch.nn.Module):
+    """A velocity close to the exact one for data ``x0 ~ N(mu(z), s²)``, ``mu(z) = shift + tanh(z W)/2``, in the flow
+    head's convention ``x_t = (1 − t)·x0 + t·ε``: ``E[ε − x0 | x_t] + 0.3·t·tanh(2x)`` (the last term makes the last
+    step ``f(x) = x − t_1·v`` nonlinear; ``t_1·Lip(v) < 1`` at ``t_1 = 1/4``, so ``f`` is injective)."""
+
+    def __init__(self, head, dim: int, shift: float, s: float, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("w", torch.randn(head.width, dim, generator=g) / math.sqrt(head.width))
+        self.shift, self.s = shift, s
+
+    def forward(self, x: Tensor, t_model: Tensor, z: Tensor) -> Tensor:
+        t = (t_model / 1000.0)[:, None]
+        mu = self.shift + 0.5 * torch.tanh(z.float() @ self.w)
+        m, var = (1 - t) * mu, (1 - t) ** 2 * self.s ** 2 + t ** 2
+        e_x0 = mu + (1 - t) * self.s ** 2 / var * (x - m)
+        e_eps = t / var * (x - m)
+        return e_eps - e_x0 + 0.3 * t * torch.tanh(2 * x)
+
+
+def flow_model(dim: int, shift: float, s: float, condition: str = "none", length: int = 4) -> RasterAR:
+    """RasterAR (backbone seed 0, weights ~ N(0, 0.5²)) with a GaussianDataVelocity "sde" flow head."""
+    m = model(length=length, dim=dim, head="flow", condition=condition, seed=0, scale=0.5, **FLOW)
+    m.output_head.net = GaussianDataVelocity(m.output_head, dim, shift, s, seed=7)
+    return m.eval()
+
+
+@torch.no_grad()
+def test_flow_law_samples_as_the_head_and_scores_its_own_draws():
+    head, params = flow_model(2, 0.0, 0.3).output_head, SamplingParams()
+    z = torch.randn(64, 16)
+    law = FlowLaw(head)
+    v, log_p = law.sample(z, None, params, torch.Generator().manual_seed(3))
+    want = head.sample(z, params, torch.Generator().manual_seed(3))
+    assert v.shape == (64, 5, 2)
+    torch.testing.assert_close(v[:, -1], want)  # same arithmetic, same random draws in the same order
+    torch.testing.assert_close(law.log_prob(v, z, None, params), log_p, atol=2e-3, rtol=1e-5)
+    # the change of variables: given x_2, the token density integrates to 1 (2 steps, D = 1, V = (x_2, x_1, y),
+    # y = f(x_1); one Euler step from t = 1 on the exact velocity would map every x to mu, so 1 step has no density)
+    law2, p2 = FlowLaw(flow_model(1, 0.0, 0.5).output_head), SamplingParams(num_steps=2)
+    y = torch.linspace(-8, 8, 4001)[:, None]
+    x2 = torch.full_like(y, 0.5)
+    dens = law2.log_prob(torch.stack([x2, y, y], 1), torch.randn(1, 16).expand(4001, -1), None, p2).exp()
+    want = math.exp(float(norm.logpdf(0.5)))
+    assert abs(float(dens.sum() * (y[1, 0] - y[0, 0])) / want - 1.0) < 1e-3
+    # noise_temperature = 0 leaves no density
+    cold = flow_model(1, 0.0, 0.3)
+    cold.output_head.noise_temperature = 0.0
+    with pytest.raises(ValueError, match="flow head FlowHead has noise_temperature=0"):
+        FlowLaw(cold.output_head).size(params)
+
+
+@pytest.mark.parametrize("dim,condition", [(1, "none"), (2, "class")])
+def test_flow_heads_match_the_target_sampler(dim, condition):
+    target, draft = flow_model(dim, 0.0, 0.3, condition), flow_model(dim, 0.3, 0.4, condition)
+    cond = torch.arange(N_DIFFUSION) % 3 if condition == "class" else Condition(batch=N_DIFFUSION)
+    params = SamplingParams(guidance_scale=1.5) if condition == "class" else SamplingParams()
+    dec = ContinuousSD(draft=draft, gamma=3)
+    sd = target.generate(cond, params, torch.Generator().manual_seed(1), decoding=dec).data
+    seq = target.generate(cond, params, torch.Generator().manual_seed(2)).data
+    assert min_ks(sd, seq) > ALPHA
+    s = dec.last_stats
+    print(f"flow CSpD dim={dim} {condition}: acceptance {s['acceptance_rate']:.3f}, passes {s['forward_passes']}")
+    assert 0.1 < s["acceptance_rate"] < 0.9, s
+    # the draft's own law is far from the target's: the test has power
+    assert min_ks(draft.generate(cond, params, torch.Generator().manual_seed(3)).data, seq) < 1e-6
+
+
+class FlowAlwaysAccept(FlowLaw):
+    """Biased: every draft accepted — the output is the draft's law."""
+
+    def sample(self, z, z_uncond, params, generator, with_log_prob=True):
+        v, _ = super().sample(z, z_uncond, params, generator, with_log_prob=False)
+        return v, torch.zeros(z.shape[0], dtype=torch.float64)
+
+    def log_prob(self, v, z, z_uncond, params):
+        return torch.zeros(z.shape[0], dtype=torch.float64)
+
+
+class FlowDraftFinalFunction(FlowLaw):
+    """Biased: the ratio of the stochastic states ``(x_N, …, x_1)`` as drawn, output the draft's ``f_d(x_1)``."""
+
+    def sample(self, z, z_uncond, params, generator, with_log_prob=True):
+        v, _ = super().sample(z, z_uncond, params, generator, with_log_prob=False)
+        return v, self.log_prob(v, z, z_uncond, params)
+
+    def log_prob(self, v, z, z_uncond, params):
+        return self.states_log_prob(v[:, :-1].to(z.dtype), z, z_uncond, params)
+
+
+@pytest.mark.parametrize("law_class", [FlowAlwaysAccept, FlowDraftFinalFunction])
+def test_biased_flow_variants_are_detected(law_class):
+    target, draft = flow_model(1, 0.0, 0.3), flow_model(1, 0.3, 0.4)
+    dec = Biased(law_class, draft=draft, gamma=3)
+    sd = target.generate(Condition(batch=N_DIFFUSION), generator=torch.Generator().manual_seed(1), decoding=dec).data
+    seq = target.generate(Condition(batch=N_DIFFUSION), generator=torch.Generator().manual_seed(2)).data
+    print(f"{law_class.__name__}: min KS p {min_ks(sd, seq):.3g}")
+    assert min_ks(sd, seq) < 1e-6
+
+
+def test_identical_flow_draft_accepts_everything():
+    target = flow_model(2, 0.0, 0.3)
+    dec = ContinuousSD(draft=target, gamma=3)
+    target.generate(Condition(batch=64), generator=torch.Generator().manual_seed(0), decoding=dec)
+    s = dec.last_stats
+    assert s["acceptance_rate"] == 1.0 and s["forward_passes"] == 2 and s["proposed"] == 64 * 3
+    assert s["draft_head_evals"] == 64 * 3 * 4 and s["sequential_head_evals"] == 64 * 4 * 4

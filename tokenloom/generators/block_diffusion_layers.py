@@ -340,6 +340,7 @@ class FlowProcess:
         """One solver step of every token of the block from ``t_s`` to ``t_{s+1}``; ``z``: ``[b, K, C]``."""
         times, (b, k, _) = state.extra, state.values.shape
         x = self.head.denoise_step(state.values.flatten(0, 1), times[step], times[step + 1], z.flatten(0, 1),
+                                   generator=_token_generators(generator, k),  # used by the "sde" solver
                                    z_uncond=None if z_uncond is None else z_uncond.flatten(0, 1),
                                    guidance_scale=params.guidance_scale)
         return BlockState(x.view(b, k, -1), None, times)

@@ -9,7 +9,17 @@ Convention (FlowAR's and diffusers' ``FlowMatch*`` schedulers'): ``t ∈ [0, 1]`
 it fractional). Sampling integrates ``dx/dt = v`` from ``t = 1`` to ``0`` on ``linspace(1, 0, N + 1)``,
 starting from ``noise_temperature · ε``: ``"euler"`` (N evaluations) or ``"heun"`` (Heun's 2nd order on every
 step but the last, which is Euler: 2N − 1 evaluations, as diffusers' ``FlowMatchHeunDiscreteScheduler`` and
-EDM). Guidance acts on the velocity, ``v_u + s·(v_c − v_u)``, at every evaluation.
+EDM) — or ``"sde"``, the stochastic sampler below. Guidance acts on the velocity, ``v_u + s·(v_c − v_u)``, at
+every evaluation.
+
+``"sde"`` (SiT, Ma et al. 2024): Euler–Maruyama on the reverse-time SDE with the flow's marginals. For this
+interpolant (``α_t = 1 − t``, ``σ_t = t``) the score follows from the velocity, ``E[ε | x_t] = x_t + (1 − t)·v`` and
+``s = −(x_t + (1 − t)·v)/t``; with SiT's default diffusion coefficient ``w(t) = σ_t = t`` the reverse SDE
+``dx = [v − w/2·s] dt + sqrt(w) dW̄`` (``dt < 0``) has drift ``v + (x_t + (1 − t)·v)/2`` (no division by ``t``).
+A step ``t → t_next > 0`` draws ``x' ~ N(x_t + (t_next − t)·drift, τ²·t·(t − t_next))`` (τ the noise temperature,
+which also scales the initial noise); the last step (``t_next = 0``) is deterministic, the Euler ODE step
+``x_t − t·v`` (the predicted ``x_0``, SiT's ``last_step="Euler"``): N evaluations, N − 1 Gaussian draws. Its
+Gaussian steps give the trajectory a density (:class:`~tokenloom.generators.decoding.trajectory.FlowLaw`).
 
 The steps are our own (a few lines) rather than diffusers' flow schedulers because those hold one scalar
 time per call and a fixed grid; here every row carries its own ``t`` and ``t_next``, which block diffusion
@@ -33,10 +43,11 @@ from tqdm.auto import tqdm
 
 from tokenloom.config import SamplingParams
 from tokenloom.heads import register
-from tokenloom.heads.continuous import ContinuousHead
+from tokenloom.heads.continuous import ContinuousHead, _non_negative_float
 from tokenloom.tokens import TokenSpec
 
-SOLVERS = ("euler", "heun")
+ODE_SOLVERS = ("euler", "heun")
+SOLVERS = ODE_SOLVERS + ("sde",)
 TIME_SCALE = 1000.0
 
 
@@ -49,8 +60,8 @@ class FlowHead(ContinuousHead):
         width: channels ``C`` of the backbone's ``z``.
         depth, mlp_width: the adaLN MLP's residual blocks and width.
         num_sampling_steps: ODE steps when ``params.num_steps`` is None.
-        solver: ``"euler"`` or ``"heun"``.
-        noise_temperature: default scale of the initial noise.
+        solver: ``"euler"``, ``"heun"`` (deterministic ODE) or ``"sde"`` (Euler–Maruyama, stochastic).
+        noise_temperature: default scale of the initial noise (and, with ``"sde"``, of every step's noise).
         diffusion_batch_mul: times ``t`` drawn per row in ``loss``.
     """
 
@@ -118,12 +129,26 @@ class FlowHead(ContinuousHead):
         return self.training_losses(z_k, x0_k, t, noise)["loss"].view(k, n).mean(0)
 
     # -- sampling ----------------------------------------------------------------------------------------
+    def sde_moments(self, x_t: Tensor, t: Tensor, t_next: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean ``[N, D]`` and std ``[N]`` (at noise temperature 1) of one ``"sde"`` step from ``x_t: [N, D]`` with
+        velocity ``v: [N, D]``, ``t, t_next: [N]`` (``t_next <= t``); rows with ``t_next = 0``: the Euler ODE step,
+        std 0."""
+        tt, dt = t[:, None], (t_next - t)[:, None]
+        stochastic = t_next > 0
+        drift = v + 0.5 * (x_t + (1 - tt) * v)  # v − w/2·s with w = t, s = −(x_t + (1 − t)·v)/t
+        mean = torch.where(stochastic[:, None], x_t + dt * drift, x_t + dt * v)
+        std = torch.where(stochastic, (t * (t - t_next)).clamp_min(0).sqrt(), torch.zeros_like(t))
+        return mean, std
+
     def denoise_step(self, x_t: Tensor, t: Tensor | float, t_next: Tensor | float, z: Tensor, *,
                      z_uncond: Tensor | None = None, guidance_scale: float = 1.0,
-                     solver: str | None = None) -> Tensor:
+                     solver: str | None = None, generator: torch.Generator | None = None,
+                     noise_temperature: float | None = None) -> Tensor:
         """Move ``x_t: [N, D]`` from time ``t`` to ``t_next`` (scalars or ``[N]``; ``t_next < t`` denoises).
 
         ``"heun"`` corrects with the velocity at ``t_next`` on rows where ``t_next > 0`` (Euler elsewhere).
+        ``"sde"`` needs ``t_next <= t`` and draws ``noise_temperature · N(0, I)`` noise from ``generator`` when some
+        row has ``t_next > 0``.
         """
         solver = self.check_solver(self.solver if solver is None else solver)
         n = x_t.shape[0]
@@ -131,6 +156,16 @@ class FlowHead(ContinuousHead):
         t_next = self._times(t_next, n, x_t, "t_next")
         dt = (t_next - t)[:, None]
         v = self.predict(x_t, t, z, z_uncond, guidance_scale)
+        if solver == "sde":
+            if not bool((t_next <= t).all()):
+                raise ValueError(f"solver='sde' integrates from noise to data: t_next must be <= t, got "
+                                 f"t {t.tolist()} and t_next {t_next.tolist()}")
+            temp = _non_negative_float("noise_temperature",
+                                       self.noise_temperature if noise_temperature is None else noise_temperature)
+            mean, std = self.sde_moments(x_t, t, t_next, v)
+            if not bool((std > 0).any()):
+                return mean
+            return mean + temp * std[:, None] * self.randn(tuple(x_t.shape), generator, like=x_t)
         x_next = x_t + dt * v
         if solver == "heun":
             corrected = t_next > 0
@@ -153,5 +188,5 @@ class FlowHead(ContinuousHead):
         x = temp * self.randn((z.shape[0], self.dim), generator, like=z)
         for t, t_next in tqdm(list(zip(times[:-1], times[1:])), disable=not progress, desc="flow head"):
             x = self.denoise_step(x, t, t_next, z, z_uncond=z_uncond, guidance_scale=params.guidance_scale,
-                                  solver=solver)
+                                  solver=solver, generator=generator, noise_temperature=temp)
         return x

@@ -6,7 +6,7 @@
 * :class:`ZipAR` — next-set decoding of raster grids (rows in parallel behind a window).
 * :class:`ContinuousSD` — speculative decoding of continuous tokens with a draft model; exact for heads with a
   density (``"gaussian"``) and for diffusion heads through their denoising trajectories (:mod:`.trajectory`);
-  flow heads (deterministic ODE solvers, no density) are refused.
+  flow heads with ``solver="sde"`` likewise (their ODE solvers have no density and are refused).
 """
 
 from tokenloom.generators.decoding.base import Decoding, GridTarget, OrderedTarget, run_decoding

@@ -29,9 +29,11 @@ What is not exact / not done:
 * The residual draw is capped at ``max_residual_tries`` proposals per token; if a row exhausts it a ``RuntimeError``
   is raised (never a silent biased token). A row reaches the residual with probability ``TV`` and needs ``1/TV``
   tries on average, so the chance of the error is at most ``~1 / (e · max_residual_tries)`` per token.
-* Flow heads are refused (clear error): their ``"euler"`` / ``"heun"`` samplers are deterministic ODEs.
+* Flow heads are accepted with ``solver="sde"`` (Euler–Maruyama trajectories, :class:`~.trajectory.FlowLaw`);
+  their ``"euler"`` / ``"heun"`` samplers are deterministic ODEs and refused (clear error).
 * Float densities: ``p_t / p_d`` is ``exp(log p_t − log p_d)`` in float64 of float32 head outputs; the diffusion
-  law also inverts ``f`` to a residual of ``1e-6 · (1 + |y|)``. Rounding and that residual are the only departures.
+  and flow laws also invert ``f`` to a residual of ``1e-6 · (1 + |y|)``. Rounding and that residual are the only
+  departures.
 
 Batches: rows accept different numbers of tokens. A round starts at the least advanced row; positions a row already
 committed are fed again as forced drafts and count as accepted (they are final), so every row is exact; the batch
