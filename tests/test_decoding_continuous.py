@@ -281,7 +281,7 @@ def diffusion_model(dim: int, shift: float, s: float, condition: str = "none", l
     return m.eval()
 
 
-class AlwaysAccept(DiffusionLaw):
+class AlwaysAcceptMixin:
     """Biased: no trajectory ratio (every draft accepted) — the output is the draft's law."""
 
     def sample(self, z, z_uncond, params, generator, with_log_prob=True):
@@ -292,7 +292,7 @@ class AlwaysAccept(DiffusionLaw):
         return torch.zeros(z.shape[0], dtype=torch.float64)
 
 
-class DraftFinalFunction(DiffusionLaw):
+class DraftFinalFunctionMixin:
     """Biased: the ratio of the stochastic states ``(x_S, …, x_1)`` as drawn, output the draft's ``f_d(x_1)``."""
 
     def sample(self, z, z_uncond, params, generator, with_log_prob=True):
@@ -301,6 +301,14 @@ class DraftFinalFunction(DiffusionLaw):
 
     def log_prob(self, v, z, z_uncond, params):
         return self.states_log_prob(v[:, :-1].to(z.dtype), z, z_uncond, params)
+
+
+class AlwaysAccept(AlwaysAcceptMixin, DiffusionLaw):
+    pass
+
+
+class DraftFinalFunction(DraftFinalFunctionMixin, DiffusionLaw):
+    pass
 
 
 class Biased(ContinuousSD):
@@ -344,9 +352,10 @@ def test_diffusion_law_samples_as_the_head_and_scores_its_own_draws():
     assert abs(float(dens.sum() * (y[1, 0] - y[0, 0])) - 1.0) < 1e-3
 
 
-@pytest.mark.parametrize("dim,condition", [(1, "none"), (2, "class")])
-def test_diffusion_heads_match_the_target_sampler(dim, condition):
-    target, draft = diffusion_model(dim, 0.0, 0.3, condition), diffusion_model(dim, 0.3, 0.4, condition)
+def cspd_matches_the_target_sampler(make, dim: int, condition: str) -> dict:
+    """CSpD with a shifted, wider draft against the target's own sampler (KS), and the draft alone (must differ, so
+    the test has power); returns ``last_stats``."""
+    target, draft = make(dim, 0.0, 0.3, condition), make(dim, 0.3, 0.4, condition)
     cond = torch.arange(N_DIFFUSION) % 3 if condition == "class" else Condition(batch=N_DIFFUSION)
     params = SamplingParams(guidance_scale=1.5) if condition == "class" else SamplingParams()
     dec = ContinuousSD(draft=draft, gamma=3)
@@ -355,19 +364,15 @@ def test_diffusion_heads_match_the_target_sampler(dim, condition):
     assert min_ks(sd, seq) > ALPHA
     s = dec.last_stats
     assert 0.1 < s["acceptance_rate"] < 0.9, s
+    assert min_ks(draft.generate(cond, params, torch.Generator().manual_seed(3)).data, seq) < 1e-6
+    return s
+
+
+@pytest.mark.parametrize("dim,condition", [(1, "none"), (2, "class")])
+def test_diffusion_heads_match_the_target_sampler(dim, condition):
+    s = cspd_matches_the_target_sampler(diffusion_model, dim, condition)
     # a batch waits for its slowest row (4 passes here, as sequential); the head cost is the price of scoring
     assert s["forward_passes"] <= 4 and s["target_head_evals"] > s["sequential_head_evals"]
-    # the draft's own law is far from the target's: the test has power
-    assert min_ks(draft.generate(cond, params, torch.Generator().manual_seed(3)).data, seq) < 1e-6
-
-
-@pytest.mark.parametrize("law_class", [AlwaysAccept, DraftFinalFunction])
-def test_biased_diffusion_variants_are_detected(law_class):
-    target, draft = diffusion_model(1, 0.0, 0.3), diffusion_model(1, 0.3, 0.4)
-    dec = Biased(law_class, draft=draft, gamma=3)
-    sd = target.generate(Condition(batch=N_DIFFUSION), generator=torch.Generator().manual_seed(1), decoding=dec).data
-    seq = target.generate(Condition(batch=N_DIFFUSION), generator=torch.Generator().manual_seed(2)).data
-    assert min_ks(sd, seq) < 1e-6
 
 
 def test_identical_diffusion_draft_accepts_everything():
@@ -439,45 +444,23 @@ def test_flow_law_samples_as_the_head_and_scores_its_own_draws():
 
 @pytest.mark.parametrize("dim,condition", [(1, "none"), (2, "class")])
 def test_flow_heads_match_the_target_sampler(dim, condition):
-    target, draft = flow_model(dim, 0.0, 0.3, condition), flow_model(dim, 0.3, 0.4, condition)
-    cond = torch.arange(N_DIFFUSION) % 3 if condition == "class" else Condition(batch=N_DIFFUSION)
-    params = SamplingParams(guidance_scale=1.5) if condition == "class" else SamplingParams()
-    dec = ContinuousSD(draft=draft, gamma=3)
-    sd = target.generate(cond, params, torch.Generator().manual_seed(1), decoding=dec).data
-    seq = target.generate(cond, params, torch.Generator().manual_seed(2)).data
-    assert min_ks(sd, seq) > ALPHA
-    s = dec.last_stats
+    s = cspd_matches_the_target_sampler(flow_model, dim, condition)
     print(f"flow CSpD dim={dim} {condition}: acceptance {s['acceptance_rate']:.3f}, passes {s['forward_passes']}")
-    assert 0.1 < s["acceptance_rate"] < 0.9, s
-    # the draft's own law is far from the target's: the test has power
-    assert min_ks(draft.generate(cond, params, torch.Generator().manual_seed(3)).data, seq) < 1e-6
 
 
-class FlowAlwaysAccept(FlowLaw):
-    """Biased: every draft accepted — the output is the draft's law."""
-
-    def sample(self, z, z_uncond, params, generator, with_log_prob=True):
-        v, _ = super().sample(z, z_uncond, params, generator, with_log_prob=False)
-        return v, torch.zeros(z.shape[0], dtype=torch.float64)
-
-    def log_prob(self, v, z, z_uncond, params):
-        return torch.zeros(z.shape[0], dtype=torch.float64)
+class FlowAlwaysAccept(AlwaysAcceptMixin, FlowLaw):
+    pass
 
 
-class FlowDraftFinalFunction(FlowLaw):
-    """Biased: the ratio of the stochastic states ``(x_N, …, x_1)`` as drawn, output the draft's ``f_d(x_1)``."""
-
-    def sample(self, z, z_uncond, params, generator, with_log_prob=True):
-        v, _ = super().sample(z, z_uncond, params, generator, with_log_prob=False)
-        return v, self.log_prob(v, z, z_uncond, params)
-
-    def log_prob(self, v, z, z_uncond, params):
-        return self.states_log_prob(v[:, :-1].to(z.dtype), z, z_uncond, params)
+class FlowDraftFinalFunction(DraftFinalFunctionMixin, FlowLaw):
+    pass
 
 
-@pytest.mark.parametrize("law_class", [FlowAlwaysAccept, FlowDraftFinalFunction])
-def test_biased_flow_variants_are_detected(law_class):
-    target, draft = flow_model(1, 0.0, 0.3), flow_model(1, 0.3, 0.4)
+@pytest.mark.parametrize("make,law_class", [
+    (diffusion_model, AlwaysAccept), (diffusion_model, DraftFinalFunction),
+    (flow_model, FlowAlwaysAccept), (flow_model, FlowDraftFinalFunction)])
+def test_biased_variants_are_detected(make, law_class):
+    target, draft = make(1, 0.0, 0.3), make(1, 0.3, 0.4)
     dec = Biased(law_class, draft=draft, gamma=3)
     sd = target.generate(Condition(batch=N_DIFFUSION), generator=torch.Generator().manual_seed(1), decoding=dec).data
     seq = target.generate(Condition(batch=N_DIFFUSION), generator=torch.Generator().manual_seed(2)).data
