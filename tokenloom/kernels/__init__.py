@@ -17,6 +17,7 @@ without the ``[N, K]`` distance matrix: :func:`nearest_code`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -34,6 +35,7 @@ from tokenloom.kernels.torch_sampling import sample_torch
 BACKENDS = ("reference", "torch", "torch-compiled", "triton", "numba")
 
 
+@functools.cache
 def numba_available() -> bool:
     """The fused CPU kernel needs numba (optional: ``pip install tokenloom[fast]``)."""
     return importlib.util.find_spec("numba") is not None
