@@ -151,6 +151,34 @@ def test_numba_path_matches_reference_token_for_token(b, v, ties):
 
 
 @needs_numba
+@pytest.mark.parametrize("case", ["sample_too_high", "crowded_bucket", "min_p_binding", "top_p_tail"])
+def test_numba_selection_paths_match_reference(case):
+    """The numba kernel's less common paths, token for token against the reference: a strided sample that
+    overestimates the top-k threshold (fewer than k pass; the threshold steps down), a bucket crowded with
+    ties (sorted by argsort rather than insertion), min-p as the binding candidate bound, and top-p's
+    tail bound on a wide row (most of the row below it)."""
+    from tokenloom.kernels.numba_sampling import SAMPLE
+
+    g = torch.Generator().manual_seed(11)
+    b, v = 8, 8192
+    cond, uncond = torch.randn(b, v, generator=g), None
+    params = SamplingParams(top_k=500, top_p=0.95)
+    if case == "sample_too_high":  # every sampled position is high, the rest low
+        cond = torch.full((b, v), -10.0) + torch.rand(b, v, generator=g)
+        cond[:, :: v // SAMPLE] = 5.0 + torch.rand(b, SAMPLE, generator=g)
+    elif case == "crowded_bucket":  # 4 values only: thousands of exact ties per bucket
+        cond = torch.randint(0, 4, (b, v), generator=g).float()
+    elif case == "min_p_binding":
+        cond, params = cond * 5, SamplingParams(top_k=3000, min_p=0.01, top_p=0.99)
+    else:
+        cond, uncond = cond * 2, torch.randn(b, v, generator=g) * 2  # much of the mass in the wide tail
+        params = SamplingParams(top_p=0.9, guidance_scale=1.5)
+    ref = kernels.sample(cond, params, torch.Generator().manual_seed(5), uncond_logits=uncond, backend="reference")
+    fast = kernels.sample(cond, params, torch.Generator().manual_seed(5), uncond_logits=uncond, backend="numba")
+    assert torch.equal(ref, fast)
+
+
+@needs_numba
 def test_numba_checks_finiteness_and_overflow():
     """The numba backend skips the finiteness sums and checks as it reads: same errors; finite logits
     whose guided values overflow fall back to the reference."""

@@ -52,7 +52,6 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-@torch.no_grad()
 def sample(
     logits: Tensor,
     params: SamplingParams,
@@ -86,8 +85,15 @@ def sample(
             backend = "torch"
     check_sample_inputs(logits, params, uncond_logits, generator, finite=backend != "numba")
     uniforms = row_uniforms(generator, logits.shape[0], logits.device)[:, 0]
-    if backend == "numba":
+    if backend == "numba":  # no autograd to switch off: the kernel reads the tensors' memory
         return _sample_numba(logits, params, uniforms, uncond_logits)
+    with torch.no_grad():
+        return _sample_torch_family(backend, logits, params, uniforms, uncond_logits)
+
+
+def _sample_torch_family(backend: str, logits: Tensor, params: SamplingParams, uniforms: Tensor,
+                         uncond_logits: Tensor | None) -> Tensor:
+    """The reference, torch and Triton paths (under ``no_grad``)."""
     if backend == "reference":
         return sample_reference(logits, params, uniforms, uncond_logits)
     if backend == "triton":

@@ -15,7 +15,7 @@ Per row, all in one compiled call (``_sample_rows``), rows in turn:
    the ``check_finite`` sums of the other paths and, when the kernel reports a row, runs them for the
    usual error (finite inputs whose guided logits overflow go to the reference).
 2. **candidate threshold** ``t``, the largest of three safe bounds (each keeps every token that can be
-   kept): top-k — the ``r``-th largest of a strided sample of 256 values, ``r`` aimed at ~1.5·k tokens
+   kept): top-k — the ``r``-th largest of a strided sample of 128 values, ``r`` aimed at ~1.5·k tokens
    (if fewer than ``k`` pass, ``t`` steps down until ``k`` do); min-p — ``max + log(min_p)``; top-p — a
    weight below ``2^-25`` rounds away against the reference's float32 running mass (``>= 1``: the best
    token's weight is 1), so the reference neither counts it in the top-p masses nor keeps it (for
@@ -58,8 +58,8 @@ from tokenloom.config import SamplingParams
 from tokenloom.kernels.numba_intrinsics import LANES, compress16, expf, fma, maximum, minimum, order_key
 
 BLOCK = 64  # candidates per block of the two-level draw
-SAMPLE = 256  # strided sample of a row for the top-k candidate threshold
-SMALL_ROW = 4 * SAMPLE  # rows up to this long take every token as a candidate
+SAMPLE = 128  # strided sample of a row for the top-k candidate threshold
+SMALL_ROW = 8 * SAMPLE  # rows up to this long take every token as a candidate
 MAX_BUCKETS = 2048
 # top-p tail: a weight below 2^-25 rounds away against the reference's float32 running mass (>= 1, the best
 # token's weight), so it neither enters the top-p masses nor is kept when p <= 1 - 2^-23; 2^-26 for margin
@@ -183,21 +183,22 @@ def _weights(cz, n, hi, min_p, ce, ck):
 # ---- top-k and top-p by buckets ----
 
 @numba.njit(cache=True)
-def _bucketize(cz, ce, n, hi, lo, nb, bucket, count, mass):
+def _bucketize(cz, ce, n, hi, lo, nb, bucket, count, mass, with_mass):
     """``bucket[j] = (hi − cz[j]) · (nb − 1) / (hi − lo)`` in ``[0, nb)``: non-increasing in ``cz[j]``, so
     whole buckets are in rank order (``lo``: at most the smallest candidate). Per bucket: the number and
-    float64 mass of the weights > 0."""
+    (if ``with_mass``) the float64 mass of the weights > 0."""
     scale = _F(nb - 1) / max(hi - lo, _F(1e-30))
     top = _F(nb - 1)
-    count[:nb] = 0
-    mass[:nb] = 0.0
-    for j in range(n):
+    for j in range(n):  # vectorised
         q = (hi - cz[j]) * scale
-        b = np.int32(q if q < top else top)
-        bucket[j] = b
-        if ce[j] > 0:
-            count[b] += 1
-            mass[b] += ce[j]
+        bucket[j] = np.int32(q if q < top else top)
+    count[:nb] = 0
+    for j in range(n):
+        count[bucket[j]] += ce[j] > 0
+    if with_mass:
+        mass[:nb] = 0.0
+        for j in range(n):
+            mass[bucket[j]] += ce[j]
 
 
 @numba.njit(cache=True)
@@ -360,7 +361,7 @@ def _sample_rows(cond, uncond, guided, scale, row_params, uniforms, out):
         _weights(cz, n, hi, mp, ce, ck)
         if k < n or p < 1:
             nb = max(16, min(MAX_BUCKETS, n // 2))
-            _bucketize(cz, ce, n, hi, max(t, lo), nb, bucket, count, mass)
+            _bucketize(cz, ce, n, hi, max(t, lo), nb, bucket, count, mass, p < 1)
             _cut(bucket, ce, ck, n, nb, k, p, count, mass, members)
         out[r] = _draw(idx, ce, n, uniforms[r], block_sums)
     return -1
@@ -391,12 +392,23 @@ def sample_numba(
         ``([B] long tokens, bad_row)``: ``bad_row`` is the first row holding a non-finite logit (then the
         tokens are meaningless and the caller raises), or −1.
     """
-    b, v = logits.shape
-    cond = logits.detach().float().contiguous()
+    b = logits.shape[0]
+    cond = _float32_array(logits)
     guided = uncond_logits is not None and params.guidance_scale != 1.0
     # uncond enters the kernel only if guided (the dispatcher checks an unread uncond itself)
-    uncond = uncond_logits.detach().float().contiguous() if guided else cond
-    out = np.empty(b, np.int64)
-    bad = _sample_rows(cond.numpy(), uncond.numpy(), guided, np.float32(params.guidance_scale),
-                       _row_params(params, b), uniforms.to(torch.float64).numpy(), out)
-    return torch.from_numpy(out), int(bad)
+    uncond = _float32_array(uncond_logits) if guided else cond
+    out = torch.empty(b, dtype=torch.long)
+    bad = _sample_rows(cond, uncond, guided, np.float32(params.guidance_scale), _row_params(params, b),
+                       uniforms.detach().to(torch.float64).numpy(), out.numpy())
+    return out, bad
+
+
+def _float32_array(x: Tensor) -> np.ndarray:
+    """A C-contiguous float32 numpy view of CPU ``x`` (a copy only when the dtype or layout needs one)."""
+    if x.requires_grad:
+        x = x.detach()
+    if x.dtype != torch.float32:
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x.numpy()
