@@ -12,7 +12,10 @@ top-p alone (top_k 0: no top-k to bound the candidates). Methods:
   dependency, so the chain is re-implemented here line for line (same ops, same order).
 * ``sort_filter`` (b): the LlamaGen/VAR recipe — mix, divide, ``topk`` threshold, full ``sort`` + softmax +
   cumsum for top-p, softmax, ``torch.multinomial``.
-* ``amax_floor`` (c): one ``amax`` pass over the ``[B, V]`` logits — the floor a fused kernel aims at.
+* ``amax_floor`` (c): one ``amax`` pass over the logits the sampler is given — ``cond`` and ``uncond``
+  (``[B, V]`` each) on the guided workloads — the floor a fused kernel aims at: any sampler reads its
+  whole input once. ``amax_cond`` (c'), one ``amax`` over ``cond`` alone, reads half of a guided sampler's
+  input; it is reported beside it (the sessions before 2026-12 used it as the floor).
 * ours: ``reference`` (the plain yardstick), ``torch`` (the fast torch path), ``torch_compiled`` (its
   elementwise stages through ``torch.compile``; compile time is reported separately, not timed), ``numba``
   (the fused CPU kernel, ``tokenloom[fast]``; skipped when numba is absent; compiled and cached on first use,
@@ -20,7 +23,9 @@ top-p alone (top_k 0: no top-k to bound the candidates). Methods:
 
 Timing: ``torch.set_num_threads(--threads)`` (default 2); every repeat runs every method once, in turn, so
 load changes on this shared machine hit all of them alike; the reported time is the median over
-``--repeats``, and ratios are taken between medians. Two clocks are recorded for every call: wall time,
+``--repeats``, and ratios are taken between medians. The main workload is measured ``--rounds`` times
+(default 5): the amax floor is purely memory-bound and moves up to 2× between rounds on this shared host,
+so its ratios are reported per round and as their median. Two clocks are recorded for every call: wall time,
 and the process's CPU time (it leaves out time spent waiting for a core, which dominates when other
 jobs keep both cores busy, but counts every thread's work, including OpenMP spinning). The load
 average before and after is recorded: absolute times move between runs; ratios move much less.
@@ -90,6 +95,10 @@ def sort_filter(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Gener
 
 
 def amax_floor(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator, top_k: int) -> torch.Tensor:
+    return cond.amax(dim=-1), uncond.amax(dim=-1)
+
+
+def amax_cond(cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator, top_k: int) -> torch.Tensor:
     return cond.amax(dim=-1)
 
 
@@ -105,6 +114,7 @@ METHODS = {
     "hf_warpers": hf_warpers,
     "sort_filter": sort_filter,
     "amax_floor": amax_floor,
+    "amax_cond": amax_cond,
     "reference": ours("reference"),
     "torch": ours("torch"),
     "torch_compiled": ours("torch-compiled"),
@@ -141,12 +151,12 @@ def ratios(med: dict[str, float]) -> dict[str, float]:
             out[f"{ours_name} vs hf_warpers (speedup, bar >= 5)"] = med["hf_warpers"] / med[ours_name]
             out[f"{ours_name} vs sort_filter (speedup, bar >= 3)"] = med["sort_filter"] / med[ours_name]
             out[f"{ours_name} / amax_floor (bar <= 3)"] = med[ours_name] / med["amax_floor"]
+            out[f"{ours_name} / amax_cond (cond alone)"] = med[ours_name] / med["amax_cond"]
     return out
 
 
 def stage_breakdown(rows: int, vocab: int, repeats: int) -> dict[str, float]:
-    """Median µs (wall) of each stage of the fast torch path on one workload, next to the amax floor:
-    where the time goes, for the bar on (c)."""
+    """Median µs (wall) of each stage of the fast torch path on one workload, next to one amax over cond."""
     from tokenloom.kernels import torch_sampling as ts
     from tokenloom.kernels.checks import check_sample_inputs
     from tokenloom.kernels.reference import row_uniforms
@@ -165,7 +175,7 @@ def stage_breakdown(rows: int, vocab: int, repeats: int) -> dict[str, float]:
     sorted_values = ts.sort_descending(values)
     weights, _, _ = ts.filter_candidates(values, ordered, kth, sorted_values, TOP_K, TOP_P, 0.0, None)
     stages = {
-        "amax_floor": lambda: cond.amax(dim=-1),
+        "amax_cond": lambda: cond.amax(dim=-1),
         "input checks (finite sums)": lambda: check_sample_inputs(cond, params, uncond, g),
         "guidance (sub + fused add)": lambda: ts._guided(cond, uncond, SCALE),
         "column maxima": lambda: columns_x.amax(dim=1),
@@ -190,6 +200,45 @@ def stage_breakdown(rows: int, vocab: int, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
+def numba_anatomy(rows: int, vocab: int, repeats: int) -> dict[str, float]:
+    """Median µs (wall) of the numba path in three nested parts, next to the floors: its first pass alone
+    (guidance, max/min and the scratch row, over both inputs), the whole compiled kernel, and the whole
+    ``kernels.sample`` call (input checks, the generator's uniforms, the kernel). Each part is the one
+    before plus what it adds: reading both inputs, selecting and drawing, and the Python call."""
+    import numba
+    import numpy as np
+
+    from tokenloom.kernels import numba_sampling as ns
+
+    @numba.njit
+    def first_pass(c, u, scale, z):
+        for r in range(c.shape[0]):
+            ns._guide(c[r], u[r], True, scale, np.float32(1.0), False, z)
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(rows, vocab, generator=g) * 4, torch.randn(rows, vocab, generator=g) * 4
+    c, u, z, scale = cond.numpy(), uncond.numpy(), np.empty(vocab, np.float32), np.float32(SCALE)
+    params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, guidance_scale=SCALE)
+    row_params, uniforms, out = ns._row_params(params, rows), np.full(rows, 0.5), np.empty(rows, np.int64)
+    parts = {
+        "amax_cond": lambda: amax_cond(cond, uncond, g, TOP_K),
+        "amax_floor": lambda: amax_floor(cond, uncond, g, TOP_K),
+        "first pass alone (read both, guide, max/min)": lambda: first_pass(c, u, scale, z),
+        "compiled kernel alone (+ select, draw)": lambda: ns._sample_rows(c, u, True, scale, row_params, uniforms,
+                                                                          out),
+        "kernels.sample (+ checks, uniforms, call)": lambda: ours("numba")(cond, uncond, g, TOP_K),
+    }
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for fn in parts.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", required=True, help="write results here")
@@ -197,6 +246,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="repeats of the main workload's whole measurement; its ratios are reported per round "
+                             "and as their median (the memory-bound floor moves 2x between rounds here)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = dict(METHODS)
@@ -225,14 +277,28 @@ def main(argv=None):
             print(f"  {k:16s} {med['wall'][k] * 1e6:27.1f} {med['cpu'][k] * 1e6:11.1f}")
         for k in results[name]["ratios"]["wall"]:
             print(f"  {k:44s} {results[name]['ratios']['wall'][k]:8.2f} {results[name]['ratios']['cpu'][k]:11.2f}")
-    rows, vocab, _ = WORKLOADS["main"]
+    rows, vocab, top_k = WORKLOADS["main"]
+    main_rounds = [results["main"]["ratios"]["wall"]]
+    for _ in range(args.rounds - 1):
+        main_rounds.append(ratios(measure(rows, vocab, top_k, methods, args.repeats)["wall"]))
+    main_median = {k: statistics.median(r[k] for r in main_rounds) for k in main_rounds[0]}
+    print(f"\nmain workload, wall-time ratios in {args.rounds} rounds (median last):")
+    for k in main_median:
+        print(f"  {k:44s} " + " ".join(f"{r[k]:7.2f}" for r in main_rounds) + f"   median {main_median[k]:7.2f}")
     stages = stage_breakdown(rows, vocab, args.repeats * 2)
-    print("\nwhere the fast torch path spends its time (main workload, wall µs, × the amax floor):")
+    print("\nwhere the fast torch path spends its time (main workload, wall µs, × one amax over cond):")
     for k, v in stages.items():
-        print(f"  {k:46s} {v:9.1f} {v / stages['amax_floor']:7.1f}×")
+        print(f"  {k:46s} {v:9.1f} {v / stages['amax_cond']:7.1f}×")
+    anatomy = numba_anatomy(rows, vocab, args.repeats * 4) if "numba" in methods else {}
+    if anatomy:
+        print("\nthe numba path in nested parts (main workload, wall µs, × amax_floor, × amax_cond):")
+        for k, v in anatomy.items():
+            print(f"  {k:46s} {v:9.1f} {v / anatomy['amax_floor']:7.2f}× {v / anatomy['amax_cond']:7.2f}×")
     out = {
         "workload": {"guidance_scale": SCALE, "temperature": TEMPERATURE, "top_p": TOP_P},
         "torch_stages_us": stages,
+        "numba_anatomy_us": anatomy,
+        "main_rounds_wall_ratios": main_rounds, "main_median_wall_ratios": main_median,
         "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "compile_seconds": compile_seconds, "results": results,

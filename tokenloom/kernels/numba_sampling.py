@@ -7,7 +7,9 @@ us write that loop nest in Python and have LLVM vectorise it (AVX2/AVX-512), wit
 install time. The LLVM pieces numba lacks (fma, NaN-propagating max, compress-store, a vectorisable exp)
 are in ``numba_intrinsics.py``.
 
-Per row, all in one compiled call (``_sample_rows``), rows in turn:
+Per row, all in one compiled call (``_sample_rows``), rows in turn on one thread (numba's parallel rows were
+measured and dropped: its OpenMP pool spins between calls on the core torch's own pool needs for the next
+forward pass):
 
 1. **pass 1** (the only read of the logits, vectorised): ``x = fma(s, c − u, u)`` (bit-equal to
    :func:`~tokenloom.kernels.reference.guided_logits`), ``z = x / T`` into a scratch row, and the row's
@@ -314,56 +316,66 @@ def _draw(idx, w, n, u, block_sums):
 # ---- the kernel ----
 
 @numba.njit(cache=True)
+def _scratch(v):
+    """Work arrays for rows of ``v`` tokens."""
+    return (np.empty(v, np.float32), np.empty(min(SAMPLE, v), np.float32), np.empty(v, np.int32),
+            np.empty(v, np.float32), np.empty(v, np.float32), np.empty(v, np.int32), np.empty(v, np.int32),
+            np.empty(v, np.int64), np.empty(MAX_BUCKETS, np.int64), np.empty(MAX_BUCKETS, np.float64),
+            np.empty(v // BLOCK + 1, np.float64))
+
+
+@numba.njit(cache=True)
+def _sample_row(cond, uncond, guided, scale, params, uniform, scratch):
+    """One row's token, or −1 when the row holds a non-finite value (or its guided logits overflow).
+
+    ``params``: float32 ``[4]``: temperature, top_k, top_p, min_p.
+    """
+    z, sample, idx, cz, ce, ck, bucket, members, count, mass, block_sums = scratch
+    v = z.shape[0]
+    temperature, top_k, p, mp = params
+    greedy = temperature == 0
+    hi, lo = _guide(cond, uncond, guided, scale, temperature, not greedy and temperature != 1, z)
+    if not (math.isfinite(hi) and math.isfinite(lo)):
+        return -1
+    if greedy:
+        for i in range(v):
+            if z[i] == hi:
+                return i
+    k = int(top_k)
+    k = v if k <= 0 or k >= v else k
+    margin = _F(1e-3) * (1 + abs(hi))
+    t_k = _sample_threshold(z, k, sample) if k < v else _F(-np.inf)
+    t_other = _F(-np.inf)  # bounds that never cut a token that can be kept
+    if mp > 0:
+        t_other = hi + _F(math.log(mp)) - margin
+    if p <= TOP_P_TAIL_MAX_P:
+        t_other = max(t_other, hi + _F(TOP_P_TAIL_LOG) - margin)
+    t = max(t_k, t_other)
+    n = _compact(z, t, idx, cz)
+    if n < k and t_k > t_other and t_k > lo:  # the sampled guess was too high: fewer than k passed
+        t = max(_lower_threshold(z, k, t_k, hi), t_other)
+        n = _compact(z, t, idx, cz)
+    _weights(cz, n, hi, mp, ce, ck)
+    if k < n or p < 1:
+        nb = max(16, min(MAX_BUCKETS, n // 2))
+        _bucketize(cz, ce, n, hi, max(t, lo), nb, bucket, count, mass, p < 1)
+        _cut(bucket, ce, ck, n, nb, k, p, count, mass, members)
+    return _draw(idx, ce, n, uniform, block_sums)
+
+
+@numba.njit(cache=True)
 def _sample_rows(cond, uncond, guided, scale, row_params, uniforms, out):
-    """Sample every row; returns the first row with a non-finite input, or −1.
+    """Sample every row into ``out``; returns the first row with a non-finite input, or −1.
 
     ``row_params``: float32 ``[B, 4]`` or ``[1, 4]`` (shared by all rows): temperature, top_k, top_p, min_p.
     """
-    b, v = cond.shape
-    z = np.empty(v, np.float32)
-    sample = np.empty(min(SAMPLE, v), np.float32)
-    idx = np.empty(v, np.int32)
-    cz = np.empty(v, np.float32)
-    ce = np.empty(v, np.float32)
-    ck = np.empty(v, np.int32)
-    bucket = np.empty(v, np.int32)
-    members = np.empty(v, np.int64)
-    count = np.empty(MAX_BUCKETS, np.int64)
-    mass = np.empty(MAX_BUCKETS, np.float64)
-    block_sums = np.empty(v // BLOCK + 1, np.float64)
+    scratch = _scratch(cond.shape[1])
     shared = row_params.shape[0] == 1
-    for r in range(b):
-        t_r, top_k, p, mp = row_params[0 if shared else r]
-        greedy = t_r == 0
-        hi, lo = _guide(cond[r], uncond[r], guided, scale, t_r, not greedy and t_r != 1, z)
-        if not (math.isfinite(hi) and math.isfinite(lo)):  # a non-finite input (or overflow): caller checks
+    for r in range(cond.shape[0]):
+        out[r] = _sample_row(cond[r], uncond[r], guided, scale, row_params[0 if shared else r], uniforms[r],
+                             scratch)
+        if out[r] < 0:
             return r
-        if greedy:
-            for i in range(v):
-                if z[i] == hi:
-                    out[r] = i
-                    break
-            continue
-        k = int(top_k)
-        k = v if k <= 0 or k >= v else k
-        margin = _F(1e-3) * (1 + abs(hi))
-        t_k = _sample_threshold(z, k, sample) if k < v else _F(-np.inf)
-        t_other = _F(-np.inf)  # bounds that never cut a token that can be kept
-        if mp > 0:
-            t_other = hi + _F(math.log(mp)) - margin
-        if p <= TOP_P_TAIL_MAX_P:
-            t_other = max(t_other, hi + _F(TOP_P_TAIL_LOG) - margin)
-        t = max(t_k, t_other)
-        n = _compact(z, t, idx, cz)
-        if n < k and t_k > t_other and t_k > lo:  # the sampled guess was too high: fewer than k passed
-            t = max(_lower_threshold(z, k, t_k, hi), t_other)
-            n = _compact(z, t, idx, cz)
-        _weights(cz, n, hi, mp, ce, ck)
-        if k < n or p < 1:
-            nb = max(16, min(MAX_BUCKETS, n // 2))
-            _bucketize(cz, ce, n, hi, max(t, lo), nb, bucket, count, mass, p < 1)
-            _cut(bucket, ce, ck, n, nb, k, p, count, mass, members)
-        out[r] = _draw(idx, ce, n, uniforms[r], block_sums)
     return -1
 
 
@@ -398,9 +410,9 @@ def sample_numba(
     # uncond enters the kernel only if guided (the dispatcher checks an unread uncond itself)
     uncond = _float32_array(uncond_logits) if guided else cond
     out = torch.empty(b, dtype=torch.long)
-    bad = _sample_rows(cond, uncond, guided, np.float32(params.guidance_scale), _row_params(params, b),
-                       uniforms.detach().to(torch.float64).numpy(), out.numpy())
-    return out, bad
+    args = (cond, uncond, guided, np.float32(params.guidance_scale), _row_params(params, b),
+            uniforms.detach().to(torch.float64).numpy(), out.numpy())
+    return out, _sample_rows(*args)
 
 
 def _float32_array(x: Tensor) -> np.ndarray:
