@@ -25,7 +25,9 @@ Timing: ``torch.set_num_threads(--threads)`` (default 2); every repeat runs ever
 load changes on this shared machine hit all of them alike; the reported time is the median over
 ``--repeats``, and ratios are taken between medians. The main workload is measured ``--rounds`` times
 (default 5): the amax floor is purely memory-bound and moves up to 2× between rounds on this shared host,
-so its ratios are reported per round and as their median. Two clocks are recorded for every call: wall time,
+so its ratios are reported per round and as their median. The numba kernel runs on one thread (its module
+docstring says why); with ``--threads 2`` torch's ``amax`` uses both cores, so the bar is read at
+``--threads 1``. Two clocks are recorded for every call: wall time,
 and the process's CPU time (it leaves out time spent waiting for a core, which dominates when other
 jobs keep both cores busy, but counts every thread's work, including OpenMP spinning). The load
 average before and after is recorded: absolute times move between runs; ratios move much less.
