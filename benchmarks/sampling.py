@@ -157,6 +157,20 @@ def ratios(med: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def interleaved_medians_us(parts: dict, repeats: int) -> dict[str, float]:
+    """Median µs (wall) of each zero-argument callable, one warm-up call each, then ``repeats`` rounds that
+    call every part in turn."""
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for fn in parts.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
 def stage_breakdown(rows: int, vocab: int, repeats: int) -> dict[str, float]:
     """Median µs (wall) of each stage of the fast torch path on one workload, next to one amax over cond."""
     from tokenloom.kernels import torch_sampling as ts
@@ -191,15 +205,7 @@ def stage_breakdown(rows: int, vocab: int, repeats: int) -> dict[str, float]:
         "draw (two-level inverse CDF)": lambda: ts.draw_candidates(indices, weights, uniforms, vocab),
         "whole torch path": lambda: ours("torch")(cond, uncond, torch.Generator().manual_seed(0), TOP_K),
     }
-    times: dict[str, list[float]] = {name: [] for name in stages}
-    for fn in stages.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in stages.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    return interleaved_medians_us(stages, repeats)
 
 
 def numba_anatomy(rows: int, vocab: int, repeats: int) -> dict[str, float]:
@@ -230,15 +236,7 @@ def numba_anatomy(rows: int, vocab: int, repeats: int) -> dict[str, float]:
                                                                           out),
         "kernels.sample (+ checks, uniforms, call)": lambda: ours("numba")(cond, uncond, g, TOP_K),
     }
-    times: dict[str, list[float]] = {name: [] for name in parts}
-    for fn in parts.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in parts.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    return interleaved_medians_us(parts, repeats)
 
 
 def main(argv=None):
