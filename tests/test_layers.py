@@ -197,6 +197,25 @@ def test_attention_matches_explicit_softmax_reference(num_kv_heads):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_under_cpu_bf16_autocast_runs_sdpa_in_float32(monkeypatch):
+    """Under CPU autocast the projections run in bf16 and SDPA itself in float32 (its bf16 backward is slow on
+    CPUs): the output is bf16, close to the float32 module, and gradients reach the weights."""
+    torch.manual_seed(0)
+    att = Attention(32, 4)
+    _randomise(att)
+    x, rope, mask = torch.randn(2, 6, 32), rope_table_2d(2, 3, 8), prefix_mask(6, 2)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    spy = lambda q, *a, **kw: seen.append(q.dtype) or sdpa(q, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = att(x, rope, mask)
+    assert got.dtype == torch.bfloat16 and seen == [torch.float32]
+    torch.testing.assert_close(got.float(), att(x, rope, mask), rtol=0.05, atol=0.05)
+    got.float().sum().backward()
+    assert att.wqkv.weight.grad is not None and torch.isfinite(att.wqkv.weight.grad).all()
+
+
 def test_fused_and_separate_qkv_agree():
     fused, split = Attention(16, 2, fused_qkv=True), Attention(16, 2, fused_qkv=False)
     _randomise(fused)

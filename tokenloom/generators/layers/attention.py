@@ -7,6 +7,7 @@ The fused projection's output features are ``[q (H·D) | k (H_kv·D) | v (H_kv·
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -71,6 +72,13 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv is not None:
             k, v = kv.update(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # CPU SDPA in reduced precision is slow (its bf16 backward ~5x the float32 one, measured): the
+            # projections keep autocast's bf16 (AMX), the attention itself runs in float32.
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                     enable_gqa=self.num_kv_heads != self.num_heads).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
         return self.wo(out.transpose(1, 2).flatten(2))
