@@ -3,6 +3,8 @@
 #   1. the VQ tokenizer        configs/tokenizer/vq_shapes.yaml     (32x32 -> 8x8 tokens, 512 codes)
 #   2. text conditioner + raster AR generator, trained jointly     configs/pipeline/shapes_default.yaml
 #      then continued with EMA                                     configs/pipeline/shapes_default_finetune.yaml
+#      on new scenes                                               configs/pipeline/shapes_default_stage3.yaml
+#      and with bf16 autocast                                      configs/pipeline/shapes_default_stage4.yaml
 #   3. shapes-GenEval on the held-out prompt list (100 prompts per category, 4 samples each)
 #   4. with --install: copy the pipeline folder into the package
 # Usage: scripts/train_default.sh [OUT_DIR=runs/default/repro] [--install]
@@ -25,8 +27,12 @@ if [ ! -f "$OUT/tokenizer/config.json" ]; then
 fi
 $PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default.yaml --output-dir "$OUT/stage1" \
     tokenizer.path="$OUT/tokenizer" --no-progress
-$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_finetune.yaml --output-dir "$OUT/model" \
+$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_finetune.yaml --output-dir "$OUT/stage2" \
     generator.init_from="$OUT/stage1" --no-progress
+$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage3.yaml --output-dir "$OUT/stage3" \
+    generator.init_from="$OUT/stage2" --no-progress
+$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage4.yaml --output-dir "$OUT/model" \
+    generator.init_from="$OUT/stage3" --no-progress
 $PY scripts/make_geneval_prompts.py --out "$OUT/prompts_heldout.jsonl" --seed 0 --per-category 100
 $PY scripts/generate_geneval.py --model "$OUT/model" --prompts "$OUT/prompts_heldout.jsonl" \
     --outdir "$OUT/geneval_heldout" --n-samples 4

@@ -60,17 +60,21 @@ def test_demo_writes_grid(tmp_path, capsys):
 
 
 def test_recipe_files_describe_the_packaged_model():
-    """scripts/train_default.sh's two recipes pass the recipe schema and agree with the shipped folder."""
+    """scripts/train_default.sh's four recipes pass the recipe schema and agree with the shipped folder: the
+    architecture (stage 1), the sampling defaults and the last stage's rounds (its train_log.json)."""
     import json
 
     from tokenloom.training.config_schema import load_recipe_file
 
     root = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
-    stage1 = load_recipe_file(str(root / "shapes_default.yaml"), [])
-    stage2 = load_recipe_file(str(root / "shapes_default_finetune.yaml"), ["generator.init_from=runs/x"])
+    stages = [load_recipe_file(str(root / f"shapes_default{name}.yaml"), [] if i == 0 else ["generator.init_from=x"])
+              for i, name in enumerate(("", "_finetune", "_stage3", "_stage4"))]
     shipped = json.loads((ASSET / "token_generator" / "config.json").read_text())
     for key in ("width", "depth", "num_heads", "prefix_rope"):
-        assert stage1["generator"][key] == shipped[key], key
+        assert stages[0]["generator"][key] == shipped[key], key
     defaults = json.loads((ASSET / "model_index.json").read_text())["sampling_defaults"]
-    assert stage2["sampling"]["guidance_scale"] == defaults["guidance_scale"]
-    assert stage2["generator"] == {"init_from": "runs/x"} and stage2["train"]["ema_decay"] == 0.999
+    for stage in stages[1:]:
+        assert stage["generator"] == {"init_from": "x"} and stage["train"]["ema_decay"] == 0.999
+    assert stages[-1]["sampling"]["guidance_scale"] == defaults["guidance_scale"]
+    log = json.loads((ASSET / "train_log.json").read_text())
+    assert [r["steps"] for r in log["rounds"]] == stages[-1]["train"]["round_steps"]
