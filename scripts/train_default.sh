@@ -6,6 +6,7 @@
 #      on new scenes                                               configs/pipeline/shapes_default_stage3.yaml
 #      and with bf16 autocast                                      configs/pipeline/shapes_default_stage4.yaml
 #      and batch 64                                                configs/pipeline/shapes_default_stage5.yaml
+#      and batch 128                                               configs/pipeline/shapes_default_stage6.yaml
 #   3. shapes-GenEval on the held-out prompt list (100 prompts per category, 4 samples each)
 #   4. with --install: copy the pipeline folder into the package
 # Usage: scripts/train_default.sh [OUT_DIR=runs/default/repro] [--install]
@@ -34,8 +35,10 @@ $PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stag
     generator.init_from="$OUT/stage2" --no-progress
 $PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage4.yaml --output-dir "$OUT/stage4" \
     generator.init_from="$OUT/stage3" --no-progress
-$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage5.yaml --output-dir "$OUT/model" \
+$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage5.yaml --output-dir "$OUT/stage5" \
     generator.init_from="$OUT/stage4" --no-progress
+$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage6.yaml --output-dir "$OUT/model" \
+    generator.init_from="$OUT/stage5" --no-progress
 $PY scripts/make_geneval_prompts.py --out "$OUT/prompts_heldout.jsonl" --seed 0 --per-category 100
 $PY scripts/generate_geneval.py --model "$OUT/model" --prompts "$OUT/prompts_heldout.jsonl" \
     --outdir "$OUT/geneval_heldout" --n-samples 4

@@ -60,7 +60,7 @@ def test_demo_writes_grid(tmp_path, capsys):
 
 
 def test_recipe_files_describe_the_packaged_model():
-    """scripts/train_default.sh's five recipes pass the recipe schema and agree with the shipped folder: the
+    """scripts/train_default.sh's six recipes pass the recipe schema and agree with the shipped folder: the
     architecture (stage 1), the sampling defaults and the last stage's rounds (its train_log.json)."""
     import json
 
@@ -68,7 +68,7 @@ def test_recipe_files_describe_the_packaged_model():
 
     root = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
     stages = [load_recipe_file(str(root / f"shapes_default{name}.yaml"), [] if i == 0 else ["generator.init_from=x"])
-              for i, name in enumerate(("", "_finetune", "_stage3", "_stage4", "_stage5"))]
+              for i, name in enumerate(("", "_finetune", "_stage3", "_stage4", "_stage5", "_stage6"))]
     shipped = json.loads((ASSET / "token_generator" / "config.json").read_text())
     for key in ("width", "depth", "num_heads", "prefix_rope"):
         assert stages[0]["generator"][key] == shipped[key], key
