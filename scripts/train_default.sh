@@ -29,16 +29,14 @@ if [ ! -f "$OUT/tokenizer/config.json" ]; then
 fi
 $PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default.yaml --output-dir "$OUT/stage1" \
     tokenizer.path="$OUT/tokenizer" --no-progress
-$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_finetune.yaml --output-dir "$OUT/stage2" \
-    generator.init_from="$OUT/stage1" --no-progress
-$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage3.yaml --output-dir "$OUT/stage3" \
-    generator.init_from="$OUT/stage2" --no-progress
-$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage4.yaml --output-dir "$OUT/stage4" \
-    generator.init_from="$OUT/stage3" --no-progress
-$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage5.yaml --output-dir "$OUT/stage5" \
-    generator.init_from="$OUT/stage4" --no-progress
-$PY scripts/train_text_to_image.py --config configs/pipeline/shapes_default_stage6.yaml --output-dir "$OUT/model" \
-    generator.init_from="$OUT/stage5" --no-progress
+# stages 2-6 each continue the folder of the stage before; the last one is the model
+prev="$OUT/stage1"
+for recipe in finetune stage3 stage4 stage5 stage6; do
+  case "$recipe" in finetune) out="$OUT/stage2" ;; stage6) out="$OUT/model" ;; *) out="$OUT/$recipe" ;; esac
+  $PY scripts/train_text_to_image.py --config "configs/pipeline/shapes_default_$recipe.yaml" --output-dir "$out" \
+      generator.init_from="$prev" --no-progress
+  prev="$out"
+done
 $PY scripts/make_geneval_prompts.py --out "$OUT/prompts_heldout.jsonl" --seed 0 --per-category 100
 $PY scripts/generate_geneval.py --model "$OUT/model" --prompts "$OUT/prompts_heldout.jsonl" \
     --outdir "$OUT/geneval_heldout" --n-samples 4
