@@ -7,10 +7,7 @@ us write that loop nest in Python and have LLVM vectorise it (AVX2/AVX-512), wit
 install time. The LLVM pieces numba lacks (fma, NaN-propagating max, compress-store, a vectorisable exp)
 are in ``numba_intrinsics.py``.
 
-Per row, all in one compiled call (``_sample_rows``, which releases the GIL), rows in turn on one thread. Rows
-in parallel were measured and dropped (32 × 16,384, 2 cores): numba's ``parallel=True`` leaves an OpenMP pool
-spinning on the cores torch's own pool needs for the next forward pass, and handing half the rows to a Python
-worker thread costs ~80 µs of wake-up, which ate most of the gain (304 µs against 376 µs on one thread).
+Per row, all in one compiled call (``_sample_rows``, which releases the GIL), rows in turn on one thread:
 
 1. **pass 1** (the only read of the logits, vectorised): ``x = fma(s, c − u, u)`` (bit-equal to
    :func:`~tokenloom.kernels.reference.guided_logits`), ``z = x / T`` into a scratch row, and the row's
@@ -33,6 +30,10 @@ worker thread costs ~80 µs of wake-up, which ate most of the gain (304 µs agai
 5. **draw**: inverse CDF in vocabulary index order over the kept weights, float64, two levels (block sums
    of 64 candidates, then one block), with the row's uniform from
    :func:`~tokenloom.kernels.reference.row_uniforms` — the seeding contract of every path.
+
+Rows in parallel were measured and dropped (32 × 16,384, 2 cores): numba's ``parallel=True`` leaves an OpenMP pool
+spinning on the cores torch's own pool needs for the next forward pass, and handing half the rows to a Python
+worker thread costs ~80 µs of wake-up, which ate most of the gain (304 µs against 376 µs on one thread).
 
 Same (logits, params, seed) → same token as the reference, except where arithmetic differs at a
 boundary (documented, not a bug): guidance and temperature are bit-equal, but ``exp`` is our polynomial
@@ -108,7 +109,7 @@ def _guide(cond, uncond, guided, scale, t, divide, z):
 
 @numba.njit(cache=True)
 def _sample_threshold(z, k, sample):
-    """A guess ``t`` aimed at ~1.5·k + 4·V/256 tokens ``z >= t``, from a strided sample (−inf: take all)."""
+    """A guess ``t`` aimed at ~1.5·k + 4·V/SAMPLE tokens ``z >= t``, from a strided sample (−inf: take all)."""
     v, s = z.shape[0], sample.shape[0]
     rank = int(1.5 * k * s / v) + 4  # from the top of the sample
     if v <= SMALL_ROW or rank >= s:
