@@ -259,7 +259,7 @@ def _cut(bucket, ce, ck, n, nb, k, p, count, mass, members):
             cut_mass += np.float64(ce[members[i]])
     if p < 1:
         total = cut_mass
-        for b in range(min(cut, nb)):
+        for b in range(cut):  # cut <= nb
             total += mass[b]
         goal = np.float64(p) * total
         before = 0.0

@@ -34,11 +34,10 @@ def row_uniforms(generator, rows: int, device, per_row: int = 1) -> Tensor:
     order) or a list of ``rows`` generators (row ``i`` drawn from ``generator[i]`` alone).
     """
     if isinstance(generator, (list, tuple)):
-        u = torch.stack([torch.rand(per_row, generator=g, dtype=torch.float64, device=g.device) for g in generator])
-    else:
-        gen_device = device if generator is None else generator.device
-        u = torch.rand(rows, per_row, generator=generator, dtype=torch.float64, device=gen_device)
-    return u if u.device == torch.device(device) else u.to(device)
+        return torch.stack([torch.rand(per_row, generator=g, dtype=torch.float64, device=g.device)
+                            for g in generator]).to(device)
+    gen_device = device if generator is None else generator.device
+    return torch.rand(rows, per_row, generator=generator, dtype=torch.float64, device=gen_device).to(device)
 
 
 def guided_logits(logits: Tensor, uncond_logits: Tensor | None, guidance_scale: float) -> Tensor:

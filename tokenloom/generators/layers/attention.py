@@ -72,13 +72,13 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv is not None:
             k, v = kv.update(k, v)
+        gqa = self.num_kv_heads != self.num_heads
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # CPU SDPA in reduced precision is slow (its bf16 backward ~5x the float32 one, measured): the
             # projections keep autocast's bf16 (AMX), the attention itself runs in float32.
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                     enable_gqa=self.num_kv_heads != self.num_heads).to(q.dtype)
+                                                     enable_gqa=gqa).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).flatten(2))
