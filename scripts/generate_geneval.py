@@ -52,11 +52,19 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--num-candidates", type=int, default=None,
+                        help="candidates per image for the pipeline's scorer to choose from (default: the folder's)")
+    parser.add_argument("--scorer", default=None, help="scorer folder to rerank with (replaces the pipeline's)")
     args = parser.parse_args(argv)
     prompts = read_prompts(args.prompts) if args.prompts else make_prompts(args.per_category)
     pipe = tokenloom.pipeline("text-to-image", model=args.model)
+    if args.scorer:
+        from tokenloom.scoring import SCORERS
+
+        pipe = type(pipe).from_pipe(pipe, scorer=SCORERS.load(args.scorer))
     spi = generate(pipe, prompts, args.outdir, args.n_samples, args.batch_prompts, args.seed,
-                   guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k)
+                   guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                   num_candidates=args.num_candidates)
     print(f"wrote {len(prompts)} prompts x {args.n_samples} samples to {args.outdir} ({spi:.3f} s/image)")
 
 

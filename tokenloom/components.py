@@ -3,7 +3,7 @@
 A pipeline's ``model_index.json`` names each component as ``["tokenloom.components", "<ClassName>"]``.
 diffusers resolves custom components as ``getattr(module, class_name)`` and decides how to load them by
 looking up ``ModelMixin`` *in that same module*; this facade provides both, resolving class names
-through the tokenizer, generator and conditioner registries, so pipeline folders do not depend on
+through the tokenizer, generator, conditioner and scorer registries, so pipeline folders do not depend on
 which file a class lives in.
 """
 
@@ -17,13 +17,14 @@ LIBRARY = "tokenloom.components"
 def _registries():
     from tokenloom.conditioning import CONDITIONERS
     from tokenloom.generators import GENERATORS
+    from tokenloom.scoring import SCORERS
     from tokenloom.tokenizers import TOKENIZERS
 
-    return (TOKENIZERS, GENERATORS, CONDITIONERS)
+    return (TOKENIZERS, GENERATORS, CONDITIONERS, SCORERS)
 
 
 def component_class(class_name: str) -> type:
-    """The registered tokenizer, generator or conditioner class called ``class_name``."""
+    """The registered tokenizer, generator, conditioner or scorer class called ``class_name``."""
     known = []
     for registry in _registries():
         for name in registry.available():

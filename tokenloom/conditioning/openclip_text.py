@@ -28,7 +28,25 @@ from tokenloom.conditioning.base import (
 )
 from tokenloom.generators.condition import Condition
 
-__all__ = ["OpenCLIPTextConditioner", "check_prompts"]  # check_prompts: kept importable from here for pipelines
+# check_prompts: kept importable from here for pipelines
+__all__ = ["OpenCLIPTextConditioner", "check_prompts", "compact_id_table"]
+
+
+def compact_id_table(token_ids, sot: int, eot: int) -> tuple[Tensor, int]:
+    """BPE id → row of a compact table keeping ``token_ids`` (None: keep all) → ``(table [eot + 1], rows)``.
+
+    Row 0 is padding, then the kept ids, then one shared ``<unk>``, ``<sot>``, and ``<eot>`` last (so open_clip's
+    argmax pooling still finds it).
+    """
+    if token_ids is None:
+        return torch.arange(eot + 1), eot + 1
+    keep = sorted(set(int(t) for t in token_ids) - {0, sot, eot})
+    table = torch.full((eot + 1,), len(keep) + 1, dtype=torch.long)
+    table[0] = 0
+    table[torch.tensor(keep, dtype=torch.long)] = torch.arange(1, len(keep) + 1)
+    table[sot] = len(keep) + 2
+    table[eot] = len(keep) + 3
+    return table, len(keep) + 4
 
 
 @register("openclip_text")
@@ -59,18 +77,7 @@ class OpenCLIPTextConditioner(TextConditioner):
         check_choice("output", output, OUTPUTS)
         self.tokenizer = open_clip.get_tokenizer(tokenizer_name, context_length=context_length)
         sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
-        if token_ids is not None:
-            keep = sorted(set(int(t) for t in token_ids) - {0, sot, eot})
-            # row 0 = padding, then the kept ids, then <unk>, <sot>, and <eot> last (argmax pooling).
-            table = torch.full((eot + 1,), len(keep) + 1, dtype=torch.long)
-            table[0] = 0
-            table[torch.tensor(keep, dtype=torch.long)] = torch.arange(1, len(keep) + 1)
-            table[sot] = len(keep) + 2
-            table[eot] = len(keep) + 3
-            vocab_size = len(keep) + 4
-        else:
-            table = torch.arange(eot + 1)
-            vocab_size = eot + 1
+        table, vocab_size = compact_id_table(token_ids, sot, eot)
         self.register_buffer("id_table", table, persistent=False)
         self.text = TextTransformer(
             context_length=context_length,

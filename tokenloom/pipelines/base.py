@@ -9,6 +9,7 @@ checkpoint samples with its reference settings unless the caller overrides them.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,6 +27,8 @@ from tokenloom.tokens import Tokens
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
 SHIM = "tokenloom_pipeline"
 SHIM_DOC = '"""tokenloom pipeline shim: lets diffusers\' generic loader find the class (needs tokenloom)."""'
+COMPONENTS = ("image_tokenizer", "token_generator", "conditioner", "scorer")  # what from_pipe hands on, when taken
+SETTINGS = ("sampling_defaults", "card", "num_candidates")
 _SCALAR_FIELDS = ("temperature", "top_k", "top_p", "min_p", "guidance_scale", "num_steps")
 
 
@@ -121,17 +124,18 @@ class TokenPipeline(DiffusionPipeline):
         from a class-to-image folder: ``InpaintingPipeline.from_pipe(tokenloom.load(folder))``.
 
         As diffusers' ``from_pipe``, whose exact-class match of components against ``__init__`` type hints cannot
-        accept tokenloom's interchangeable tokenizers and generators. ``kwargs`` replace components or
-        ``sampling_defaults`` / ``card``.
+        accept tokenloom's interchangeable tokenizers and generators. ``kwargs`` replace components or settings
+        (``sampling_defaults``, ``card``, ``num_candidates``) that ``cls`` takes.
         """
         if not isinstance(pipeline, TokenPipeline):
             raise TypeError(f"pipeline must be a tokenloom pipeline, got {type(pipeline).__name__}")
-        parts = {name: getattr(pipeline, name, None) for name in ("image_tokenizer", "token_generator", "conditioner")}
-        parts["sampling_defaults"] = pipeline.config.get("sampling_defaults")
-        parts["card"] = pipeline.config.get("card")
-        unknown = sorted(set(kwargs) - set(parts))
+        allowed = [name for name in COMPONENTS + SETTINGS if name in inspect.signature(cls.__init__).parameters]
+        unknown = sorted(set(kwargs) - set(allowed))
         if unknown:
-            raise TypeError(f"from_pipe got unknown arguments {unknown}; allowed: {sorted(parts)}")
+            raise TypeError(f"from_pipe got unknown arguments {unknown}; allowed: {sorted(allowed)}")
+        parts = {name: getattr(pipeline, name, None) for name in allowed if name in COMPONENTS}
+        parts.update({name: pipeline.config[name] for name in allowed
+                      if name in SETTINGS and pipeline.config.get(name) is not None})
         parts.update(kwargs)
         new = cls(**parts)
         new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
