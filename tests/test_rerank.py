@@ -96,3 +96,20 @@ def test_candidates_without_a_scorer_are_refused(parts):
         TextToImagePipeline(*parts, num_candidates=4)
     with pytest.raises(ValueError, match="num_candidates=2 needs a scorer"):
         TextToImagePipeline(*parts)(CAPTIONS[0], num_candidates=2)
+
+
+def test_attach_scorer_script_writes_a_reranking_folder(parts, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "attach_scorer.py"
+    spec = importlib.util.spec_from_file_location("attach_scorer", script)
+    attach = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attach)
+    TextToImagePipeline(*parts).save_pretrained(tmp_path / "plain")
+    tiny_scorer().save_pretrained(tmp_path / "scorer")
+    attach.main(["--model", str(tmp_path / "plain"), "--scorer", str(tmp_path / "scorer"), "--num-candidates", "5",
+                 "--out", str(tmp_path / "ranked")])
+    ranked = TextToImagePipeline.from_pretrained(str(tmp_path / "ranked"))
+    assert isinstance(ranked.scorer, CaptionScorer) and ranked.config.num_candidates == 5
+    assert "keeps the best of 5 candidates" in (tmp_path / "ranked" / "README.md").read_text()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 
+from tokenloom.pipelines.base import COMPONENTS
+
 CARD_FIELDS = ("recipe", "data", "metrics", "licence", "description")
 UNKNOWN = "unknown"
 # Hugging Face Hub pipeline tags of our tasks (the Hub has no class-conditional or editing-specific tag)
@@ -65,7 +67,7 @@ def _metrics(value) -> str:
 
 def _components(pipe) -> str:
     rows = []
-    for name in ("image_tokenizer", "token_generator", "conditioner"):
+    for name in COMPONENTS:
         module = getattr(pipe, name, None)
         if module is None:
             continue
@@ -77,6 +79,8 @@ def _components(pipe) -> str:
             kind = getattr(getattr(module, "config", None), "condition", None)
             if kind is not None:
                 notes.append(f"condition: {kind}")
+        if name == "scorer":
+            notes.append(f"keeps the best of {pipe.config.get('num_candidates', 1)} candidates per image")
         params = sum(p.numel() for p in module.parameters()) if hasattr(module, "parameters") else 0
         notes.append(f"{params:,} parameters")
         rows.append(f"| `{name}` | `{type(module).__name__}` | {'; '.join(notes)} |")
