@@ -31,7 +31,7 @@ def test_package_size_and_safetensors_only():
     files = [p for p in ASSET.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
-    assert len([p for p in files if p.suffix == ".safetensors"]) == 3
+    assert len([p for p in files if p.suffix == ".safetensors"]) == 4
 
 
 def test_generates_one_image_same_seed_same_image(pipe):
@@ -60,7 +60,7 @@ def test_demo_writes_grid(tmp_path, capsys):
 
 
 def test_recipe_files_describe_the_packaged_model():
-    """scripts/train_default.sh's six recipes pass the recipe schema and agree with the shipped folder: the
+    """scripts/train_default.sh's seven recipes pass the recipe schema and agree with the shipped folder: the
     architecture (stage 1), the sampling defaults and the last stage's rounds (its train_log.json)."""
     import json
 
@@ -68,7 +68,7 @@ def test_recipe_files_describe_the_packaged_model():
 
     root = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
     stages = [load_recipe_file(str(root / f"shapes_default{name}.yaml"), [] if i == 0 else ["generator.init_from=x"])
-              for i, name in enumerate(("", "_finetune", "_stage3", "_stage4", "_stage5", "_stage6"))]
+              for i, name in enumerate(("", "_finetune", "_stage3", "_stage4", "_stage5", "_stage6", "_stage7"))]
     shipped = json.loads((ASSET / "token_generator" / "config.json").read_text())
     for key in ("width", "depth", "num_heads", "prefix_rope"):
         assert stages[0]["generator"][key] == shipped[key], key
@@ -78,3 +78,22 @@ def test_recipe_files_describe_the_packaged_model():
     assert stages[-1]["sampling"]["guidance_scale"] == defaults["guidance_scale"]
     log = json.loads((ASSET / "train_log.json").read_text())
     assert [r["steps"] for r in log["rounds"]] == stages[-1]["train"]["round_steps"]
+
+
+def test_default_reranks_with_the_scorer_its_recipe_trains(pipe):
+    """The packaged folder keeps the best of its candidates by a CaptionScorer built as
+    configs/scoring/shapes_captioner.yaml says, as scripts/train_default.sh attaches it."""
+    import json
+
+    from tokenloom.scoring.captioner import CaptionScorer
+    from tokenloom.training.config_schema import load_recipe_file
+    from tokenloom.training.scorer_trainer import check_scorer_recipe
+
+    recipe = load_recipe_file(str(Path(__file__).resolve().parents[1] / "configs" / "scoring" /
+                                  "shapes_captioner.yaml"))
+    check_scorer_recipe(recipe)
+    shipped = json.loads((ASSET / "scorer" / "config.json").read_text())
+    assert {k: shipped[k] for k in recipe["scorer"]} == recipe["scorer"]
+    assert isinstance(pipe.scorer, CaptionScorer)
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "train_default.sh").read_text()
+    assert f"--num-candidates {pipe.config.num_candidates}" in script and pipe.config.num_candidates > 1
