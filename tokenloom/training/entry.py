@@ -19,6 +19,12 @@ from tokenloom.training.config_schema import check_recipe, load_recipe_file
 from tokenloom.training.launch import check_process_count
 
 
+def _check_overrides(parser: argparse.ArgumentParser, overrides: list[str]) -> None:
+    for item in overrides:
+        if "=" not in item:
+            parser.error(f"override {item!r} must look like section.key=value")
+
+
 def parse_recipe_args(argv: list[str] | None, kind: str, description: str) -> tuple[dict, str, bool]:
     """``argv`` → ``(recipe, output_dir, progress)``; ``kind`` is ``"tokenizer"`` or ``"generator"``."""
     parser = argparse.ArgumentParser(description=description)
@@ -34,9 +40,7 @@ def parse_recipe_args(argv: list[str] | None, kind: str, description: str) -> tu
     args = parser.parse_args(argv)
     # before any work: a launch for N processes that runs as one must not start training
     check_process_count(PartialState(cpu=not torch.cuda.is_available()))
-    for item in args.overrides:
-        if "=" not in item:
-            parser.error(f"override {item!r} must look like section.key=value")
+    _check_overrides(parser, args.overrides)
     cfg = load_recipe_file(args.config, args.overrides)
     if args.resume is not None:
         cfg.setdefault("train", {})["resume"] = args.resume
@@ -46,4 +50,19 @@ def parse_recipe_args(argv: list[str] | None, kind: str, description: str) -> tu
     return cfg, output_dir, not args.no_progress
 
 
-__all__ = ["parse_recipe_args"]
+def parse_single_run_args(argv: list[str] | None, description: str, configs: str, output: str
+                          ) -> tuple[dict, str, bool]:
+    """The command line of the single-process recipe scripts (``train_text_to_image.py``, ``train_scorer.py``):
+    ``--config`` (a YAML under ``configs/<configs>/``), dot-list overrides, a required ``--output-dir`` (what it
+    writes: ``output``) and ``--no-progress`` → ``(recipe, output_dir, progress)``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=f"YAML recipe (configs/{configs}/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dot-list overrides of recipe entries")
+    parser.add_argument("--output-dir", required=True, help=f"{output} to write")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    _check_overrides(parser, args.overrides)
+    return load_recipe_file(args.config, args.overrides), args.output_dir, not args.no_progress
+
+
+__all__ = ["parse_recipe_args", "parse_single_run_args"]
