@@ -1,7 +1,7 @@
 """Best-of-k sampling: draw ``k`` candidates per image and keep the one a scorer likes best.
 
 DALL·E reranked its samples with CLIP; verifier-guided best-of-N is the simplest form of inference-time scaling.
-Here the scorer is a pipeline component (``scorer``, e.g. :class:`tokenloom.scoring.matcher.ImageTextMatcher`)
+Here the scorer is a pipeline component (``scorer``, e.g. :class:`tokenloom.scoring.captioner.CaptionScorer`)
 with ``score(images, prompts) -> [B]``, and ``num_candidates`` is a pipeline setting (saved in
 ``model_index.json``, overridable per call).
 
@@ -14,7 +14,6 @@ row's generator is used as it is).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from tokenloom.tokens import Tokens
 
@@ -37,23 +36,16 @@ def candidate_generators(gens: list[torch.Generator], k: int) -> list[torch.Gene
             for g in gens for _ in range(k)]
 
 
-def best_candidates(pipe, tokens: Tokens, prompts: list[str], k: int) -> tuple[Tokens, Tensor]:
-    """Keep each row's best of its ``k`` candidates.
-
-    Args:
-        tokens: ``R·k`` candidates, row-major (see :func:`candidate_generators`).
-        prompts: the ``R·k`` prompts the candidates were drawn for.
-    Returns:
-        (the ``R`` kept tokens, scores ``[R, k]`` of all candidates).
-    """
+def best_candidates(pipe, tokens: Tokens, prompts: list[str], k: int) -> Tokens:
+    """Each row's best of its ``k`` candidates: ``tokens`` holds ``R·k`` candidates, row-major (see
+    :func:`candidate_generators`), drawn for ``prompts`` (``R·k`` strings); returns the ``R`` kept ones."""
     if k == 1:
-        return tokens, torch.zeros(tokens.batch_size, 1)
+        return tokens
     tokenizer, scorer = pipe.component("image_tokenizer"), pipe.component("scorer")
     with torch.no_grad(), pipe.autocast():
         images = tokenizer.decode(tokens.to(pipe._execution_device)).clamp(-1, 1)
         scores = scorer.score(images, prompts).float().cpu().view(-1, k)
-    keep = torch.arange(len(scores)) * k + scores.argmax(dim=1)
-    return tokens[keep], scores
+    return tokens[torch.arange(len(scores)) * k + scores.argmax(dim=1)]
 
 
 __all__ = ["best_candidates", "candidate_generators", "check_num_candidates"]

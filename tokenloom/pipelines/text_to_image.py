@@ -83,5 +83,5 @@ class TextToImagePipeline(TokenPipeline):
         gens = candidate_generators(row_generators(generator, len(rows), "cpu"), k)
         rows = rows.repeat_interleave(k)
         tokens = self.run_generator(make(rows), params, gens, decoding)
-        tokens, _ = best_candidates(self, tokens, [prompts[r] for r in rows.tolist()], k)
+        tokens = best_candidates(self, tokens, [prompts[r] for r in rows.tolist()], k)
         return self.tokens_to_output(tokens, output_type, return_dict)
