@@ -3,11 +3,11 @@ learns to prefer the true image, its recipe trains end to end, and bad input is 
 
 import json
 
-import open_clip
 import pytest
 import torch
 
 from tests.pipeline_tiny import randomize
+from tokenloom.conditioning.openclip_text import caption_token_ids
 from tokenloom.data.shapes import ShapesDataset
 from tokenloom.scoring.captioner import CaptionScorer
 from tokenloom.training.scorer_trainer import check_scorer_recipe, train_scorer_from_config
@@ -17,7 +17,7 @@ WORDS = ["a red circle", "a blue square", "two squares", "a circle above a squar
 
 def tiny_scorer(image_size: int = 16, **kw) -> CaptionScorer:
     torch.manual_seed(0)
-    ids = torch.unique(open_clip.get_tokenizer("ViT-B-32")(WORDS)).tolist()
+    ids = caption_token_ids(WORDS)
     return CaptionScorer(image_size=image_size, channels=(8, 16), width=16, layers=1, heads=2, token_ids=ids, **kw)
 
 

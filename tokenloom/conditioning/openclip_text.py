@@ -29,7 +29,14 @@ from tokenloom.conditioning.base import (
 from tokenloom.generators.condition import Condition
 
 # check_prompts: kept importable from here for pipelines
-__all__ = ["OpenCLIPTextConditioner", "check_prompts", "compact_id_table"]
+__all__ = ["OpenCLIPTextConditioner", "caption_token_ids", "check_prompts", "compact_id_table"]
+
+
+def caption_token_ids(captions: Iterable[str], tokenizer_name: str = "ViT-B-32", context_length: int = 16
+                      ) -> list[int]:
+    """The sorted BPE ids ``captions`` use (truncated to ``context_length``): a compact vocabulary's ``token_ids``."""
+    tok = open_clip.get_tokenizer(tokenizer_name, context_length=context_length)
+    return torch.unique(tok(list(captions))).tolist()
 
 
 def compact_id_table(token_ids, sot: int, eot: int) -> tuple[Tensor, int]:
@@ -94,9 +101,7 @@ class OpenCLIPTextConditioner(TextConditioner):
     @classmethod
     def for_captions(cls, captions: Iterable[str], **config) -> OpenCLIPTextConditioner:
         """A conditioner whose compact vocabulary covers the BPE ids of ``captions``."""
-        tok = open_clip.get_tokenizer(config.get("tokenizer_name", "ViT-B-32"),
-                                      context_length=config.get("context_length", 16))
-        ids = torch.unique(tok(list(captions))).tolist()
+        ids = caption_token_ids(captions, config.get("tokenizer_name", "ViT-B-32"), config.get("context_length", 16))
         return cls(token_ids=ids, **config)
 
     @property

@@ -20,22 +20,21 @@ import os
 
 import torch
 
+from tokenloom.conditioning.openclip_text import caption_token_ids
 from tokenloom.training.config_schema import check_keys, check_named_section, dataclass_keys, signature_keys
 from tokenloom.training.data_sources import build_dataset, dataset_class
 from tokenloom.training.generator_trainer import load_tokenizer
 from tokenloom.training.loop import LoopConfig, run_training
-from tokenloom.training.tokenizer_trainer import lr_factor, seed_everything
+from tokenloom.training.tokenizer_trainer import seed_everything, step_schedule, trainable_parameters
 
 SECTIONS = ("scorer", "data", "eval_data", "reconstruct", "train")
 
 
-def caption_vocabulary(dataset, limit: int = 20000) -> list[int]:
+def caption_vocabulary(dataset, context_length: int, limit: int = 20000) -> list[int]:
     """BPE ids of the captions of the first ``limit`` items of ``dataset`` (for a compact vocabulary)."""
-    import open_clip
-
     captions = [dataset.scene(i)["caption"] if hasattr(dataset, "scene") else dataset[i]["caption"]
-                for i in range(min(limit, len(dataset)))]
-    return torch.unique(open_clip.get_tokenizer("ViT-B-32")(captions)).tolist()
+                for i in range(min(limit, len(dataset)))]  # scene(): the caption without rendering the image
+    return caption_token_ids(captions, context_length=context_length)
 
 
 def check_scorer_recipe(cfg: dict) -> None:
@@ -102,7 +101,7 @@ def train_scorer_from_config(cfg: dict, output_dir: str | None = None, progress:
     data = build_dataset(data_cfg.pop("name"), **data_cfg)
     scorer_cfg = dict(cfg["scorer"])
     if scorer_cfg.get("token_ids") is None:
-        scorer_cfg["token_ids"] = caption_vocabulary(data)
+        scorer_cfg["token_ids"] = caption_vocabulary(data, scorer_cfg.get("context_length", 16))
     model = CaptionScorer(**scorer_cfg)
     augment = reconstructor(cfg.get("reconstruct"))
 
@@ -112,9 +111,7 @@ def train_scorer_from_config(cfg: dict, output_dir: str | None = None, progress:
 
     result, modules = run_training(
         model, data, config, forward, fingerprint={k: cfg[k] for k in SECTIONS if k in cfg}, desc="scorer",
-        param_groups=lambda mods: [{"params": [p for p in mods[0].parameters() if p.requires_grad]}],
-        schedule=lambda step, used: lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio,
-                                              used if config.max_minutes is not None else 0.0))
+        param_groups=trainable_parameters, schedule=step_schedule(config))
     model = modules[0]
     metrics = None
     if cfg.get("eval_data"):

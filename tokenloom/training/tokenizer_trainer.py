@@ -70,6 +70,18 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def step_schedule(config: LoopConfig):
+    """The loop's ``schedule`` for :func:`lr_factor` over ``config.max_steps`` (the ``max_minutes`` budget advances
+    the cosine when it is ahead of the steps)."""
+    return lambda step, progress: lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio,
+                                            progress if config.max_minutes is not None else 0.0)
+
+
+def trainable_parameters(modules) -> list[dict]:
+    """The loop's ``param_groups`` for one trained model: its parameters that require grad, one group."""
+    return [{"params": [p for p in modules[0].parameters() if p.requires_grad]}]
+
+
 def _forward(modules, batch) -> dict:
     out = modules[0](images_of(batch))
     if not isinstance(out, dict) or "loss" not in out:
@@ -114,9 +126,7 @@ def train_tokenizer(model: torch.nn.Module, dataset: Dataset, config: TrainConfi
     result, _ = run_training(
         model, dataset, config, _forward, accelerator=accelerator, fingerprint=fingerprint, sample_fn=sampler,
         broadcast_states=True,  # codebook restarts and usage counters are updated outside the gradient, per rank
-        param_groups=lambda mods: [{"params": [p for p in mods[0].parameters() if p.requires_grad]}],
-        schedule=lambda step, progress: lr_factor(step, config.warmup_steps, config.max_steps, config.min_lr_ratio,
-                                                  progress if config.max_minutes is not None else 0.0))
+        param_groups=trainable_parameters, schedule=step_schedule(config))
     return TrainResult(steps=result.steps, minutes=result.minutes, cpu_minutes=result.cpu_minutes,
                        stopped_by=result.stopped_by, threads=result.threads, history=result.history)
 
@@ -165,4 +175,5 @@ def train_from_config(cfg: dict, output_dir: str | None = None, progress: bool =
 
 
 __all__ = ["DATASETS", "TrainConfig", "TrainResult", "build_dataset", "cache_images", "images_of", "lr_factor",
-           "reconstruction_sampler", "seed_everything", "train_from_config", "train_tokenizer"]
+           "reconstruction_sampler", "seed_everything", "step_schedule", "train_from_config", "train_tokenizer",
+           "trainable_parameters"]
